@@ -1,0 +1,21 @@
+//! framehost: runs sandboxed WebAssembly video-analytics plugins over LiveKit text streams.
+//!
+//! One module per stage of the frame path (see DESIGN.md):
+//!
+//! ```text
+//! intake ─► job ─► source ─► streams ─► assembly ─► decode ─► queue ─► sandbox ─► results
+//! ```
+//!
+//! `job` is where the path is put together; read it first.
+
+pub mod assembly;
+pub mod capture;
+pub mod config;
+pub mod decode;
+pub mod intake;
+pub mod job;
+pub mod queue;
+pub mod sandbox;
+pub mod source;
+pub mod streams;
+pub mod telemetry;

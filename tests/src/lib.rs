@@ -1,0 +1,1 @@
+//! Test support: a nats-server harness and helpers to find the built plugins.
