@@ -213,6 +213,11 @@ pub struct IgnoredPackets {
 /// tables, about 50 KiB), which [`bytes_held`](Self::bytes_held) does not count.
 ///
 /// Streams are keyed by (sender identity, stream id), so two senders cannot collide.
+///
+/// Chunks must arrive in index order from 0, as the reliable data channel delivers them: a
+/// chunk past a missing one drops the stream as `chunk_gap` (it is never stitched around the
+/// hole), and a chunk whose index was already received is ignored as a retransmission. A
+/// duplicate chunk does not count as activity for the idle timeout.
 #[derive(Debug)]
 pub struct DataStreams {
     limits: StreamLimits,

@@ -438,6 +438,31 @@ fn a_stream_without_a_trailer_expires_after_its_idle_timeout() {
 }
 
 #[test]
+fn duplicate_chunks_do_not_keep_a_stream_alive() {
+    let mut streams = DataStreams::new(limits());
+    let t0 = Instant::now();
+    feed(
+        &mut streams,
+        vec![
+            header("agent", text_header("s1")),
+            chunk("agent", "s1", 0, b"a"),
+        ],
+        t0,
+    );
+    feed(
+        &mut streams,
+        vec![chunk("agent", "s1", 0, b"a")],
+        t0 + Duration::from_secs(9),
+    );
+    assert_eq!(streams.next_deadline(), Some(t0 + Duration::from_secs(10)));
+
+    let mut out = Vec::new();
+    streams.expire(t0 + Duration::from_secs(10), &mut out);
+    assert_eq!(rejections(&out).len(), 1);
+    assert_eq!(rejections(&out)[0].2.reason(), "idle_timeout");
+}
+
+#[test]
 fn expired_streams_are_reported_in_the_order_they_opened() {
     let mut streams = DataStreams::new(limits());
     let t0 = Instant::now();
@@ -914,6 +939,16 @@ mod round_trip {
         assert_eq!(text.text, "{\"frame\": 7}");
         assert_eq!(text.sender, "agent");
         assert!(text.attributes["frame_meta"].contains("\"m1\""));
+    }
+
+    #[test]
+    fn an_empty_text_comes_back_for_every_receiver() {
+        for receiver in [Receiver::Legacy, Receiver::V2, Receiver::V2Deflate] {
+            let (packets, events) = round_trip("", receiver);
+            let expected = if receiver == Receiver::Legacy { 2 } else { 1 };
+            assert_eq!(packets, expected, "{receiver:?}");
+            assert_eq!(only_text(&events).text, "", "{receiver:?}");
+        }
     }
 
     #[test]
