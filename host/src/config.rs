@@ -1,1 +1,428 @@
-//! TODO
+//! Configuration: one TOML file, every option with a default.
+//!
+//! Every option is documented where it is defined, with its default and unit, and listed in
+//! the README's configuration table. A missing file section means "all defaults".
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::assembly::AssemblyLimits;
+use crate::decode::DecodeLimits;
+use crate::sandbox::{PluginLimits, SandboxConfig};
+use crate::streams::StreamLimits;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub host: HostConfig,
+    pub streams: StreamsConfig,
+    pub assembly: AssemblyConfig,
+    pub decode: DecodeConfig,
+    pub sandbox: SandboxSection,
+    /// Job types this host serves, by name. A job whose type is not listed fails permanently.
+    pub job_types: BTreeMap<String, JobTypeConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated. Default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// JetStream stream that holds jobs (work-queue retention). Default `FRAMEHOST_JOBS`.
+    pub stream: String,
+    /// Subject prefix: jobs are published on `<prefix>.jobs.<type>`, status on
+    /// `<prefix>.status.<job id>`, results on `<prefix>.results.<job id>`, stop requests on
+    /// `<prefix>.control.<job id>`. Default `framehost`.
+    pub subject_prefix: String,
+    /// Durable pull consumer shared by every replica. Default `framehost-workers`.
+    pub consumer: String,
+    /// Seconds JetStream waits for an ack before redelivering; running jobs send
+    /// in-progress acks every third of it. Default 30.
+    pub ack_wait_secs: u64,
+    /// Deliveries before a job is given up on and dead-lettered. Default 5.
+    pub max_deliver: i64,
+    /// Seconds before a job that failed transiently is redelivered. Default 5.
+    pub nak_delay_secs: u64,
+    /// Stream where permanently failed jobs are kept for operators, with the reason.
+    /// Default `FRAMEHOST_DEAD`.
+    pub dead_letter_stream: String,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            stream: "FRAMEHOST_JOBS".into(),
+            subject_prefix: "framehost".into(),
+            consumer: "framehost-workers".into(),
+            ack_wait_secs: 30,
+            max_deliver: 5,
+            nak_delay_secs: 5,
+            dead_letter_stream: "FRAMEHOST_DEAD".into(),
+        }
+    }
+}
+
+impl NatsConfig {
+    pub fn jobs_subject(&self, job_type: &str) -> String {
+        format!("{}.jobs.{job_type}", self.subject_prefix)
+    }
+    pub fn status_subject(&self, job_id: &str) -> String {
+        format!("{}.status.{job_id}", self.subject_prefix)
+    }
+    pub fn results_subject(&self, job_id: &str) -> String {
+        format!("{}.results.{job_id}", self.subject_prefix)
+    }
+    pub fn control_subject(&self, job_id: &str) -> String {
+        format!("{}.control.{job_id}", self.subject_prefix)
+    }
+    pub fn dead_letter_subject(&self) -> String {
+        format!("{}.dead", self.subject_prefix)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostConfig {
+    /// Jobs run at once by this host; it pulls a job only while a slot is free. Default 4.
+    pub max_jobs: usize,
+    /// Decoded frames waiting for the plugin, per job; past it the oldest is dropped
+    /// (`frames_dropped`). Default 8.
+    pub queue_depth: usize,
+    /// Seconds between progress status messages of a running job. Default 2.
+    pub progress_interval_secs: u64,
+    /// Seconds running jobs get to finish after SIGTERM before they are handed back to the
+    /// queue. Keep it below the pod's `terminationGracePeriodSeconds`. Default 25.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            max_jobs: 4,
+            queue_depth: 8,
+            progress_interval_secs: 2,
+            shutdown_grace_secs: 25,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// The only data-stream topic read; streams on other topics are never buffered.
+    /// Default `agentChat`.
+    pub topic: String,
+    /// Largest text stream, in bytes after decompression. Default 16 MiB.
+    pub max_stream_bytes: usize,
+    /// Bytes all open streams of a job may hold together. Default 64 MiB.
+    pub max_buffered_bytes: usize,
+    /// Streams open at once per job. Default 64.
+    pub max_open_streams: usize,
+    /// Milliseconds without a packet after which an unfinished stream is dropped.
+    /// Default 10,000.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        let limits = StreamLimits::default();
+        Self {
+            topic: limits.topic,
+            max_stream_bytes: limits.max_stream_bytes,
+            max_buffered_bytes: limits.max_buffered_bytes,
+            max_open_streams: limits.max_open_streams,
+            idle_timeout_ms: limits.idle_timeout.as_millis() as u64,
+        }
+    }
+}
+
+impl StreamsConfig {
+    pub fn limits(&self) -> StreamLimits {
+        StreamLimits {
+            topic: self.topic.clone(),
+            max_stream_bytes: self.max_stream_bytes,
+            max_buffered_bytes: self.max_buffered_bytes,
+            max_open_streams: self.max_open_streams,
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AssemblyConfig {
+    /// Most parts one message may be split into. Default 64.
+    pub max_parts: u32,
+    /// Largest assembled message, in bytes. Default 32 MiB.
+    pub max_message_bytes: usize,
+    /// Messages being assembled at once per job. Default 16.
+    pub max_open_messages: usize,
+    /// Milliseconds from a message's first part until it is dropped unfinished.
+    /// Default 10,000.
+    pub max_age_ms: u64,
+}
+
+impl Default for AssemblyConfig {
+    fn default() -> Self {
+        let limits = AssemblyLimits::default();
+        Self {
+            max_parts: limits.max_parts,
+            max_message_bytes: limits.max_message_bytes,
+            max_open_messages: limits.max_open_messages,
+            max_age_ms: limits.max_age.as_millis() as u64,
+        }
+    }
+}
+
+impl AssemblyConfig {
+    pub fn limits(&self) -> AssemblyLimits {
+        AssemblyLimits {
+            max_parts: self.max_parts,
+            max_message_bytes: self.max_message_bytes,
+            max_open_messages: self.max_open_messages,
+            max_age: Duration::from_millis(self.max_age_ms),
+            ..AssemblyLimits::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecodeConfig {
+    /// Most detections in one frame. Default 1,000.
+    pub max_detections: usize,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            max_detections: DecodeLimits::default().max_detections,
+        }
+    }
+}
+
+impl DecodeConfig {
+    pub fn limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_detections: self.max_detections,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxSection {
+    /// Plugin instances live at once (pool slots). Default: twice `host.max_jobs`, at
+    /// least 4, so re-instantiation after a trap always finds a slot.
+    pub max_instances: Option<u32>,
+    /// Largest memory any job type may be given, in MiB; each slot reserves this much
+    /// address space. Default 256.
+    pub max_memory_mib: u64,
+    /// Wasm stack per call, in KiB. Default 1,024.
+    pub max_wasm_stack_kib: usize,
+    /// Results a plugin may emit per call. Default 64.
+    pub max_results_per_call: usize,
+    /// Largest single result, in KiB. Default 1,024.
+    pub max_result_kib: usize,
+    /// Plugin log output kept per job, in KiB. Default 1,024.
+    pub max_log_kib_per_job: usize,
+}
+
+impl Default for SandboxSection {
+    fn default() -> Self {
+        let d = SandboxConfig::default();
+        Self {
+            max_instances: None,
+            max_memory_mib: d.max_memory_bytes >> 20,
+            max_wasm_stack_kib: d.max_wasm_stack_bytes >> 10,
+            max_results_per_call: d.max_results_per_call,
+            max_result_kib: d.max_result_bytes >> 10,
+            max_log_kib_per_job: d.max_log_bytes_per_job >> 10,
+        }
+    }
+}
+
+/// What a job type runs and the limits of its jobs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobTypeConfig {
+    /// Path of the plugin component (`.wasm`), relative to the config file's directory.
+    pub plugin: PathBuf,
+    /// Linear memory per job, in MiB. Default 64.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Milliseconds one plugin call may run. Default 5,000.
+    #[serde(default = "default_call_deadline_ms")]
+    pub call_deadline_ms: u64,
+    /// What a trap (panic, memory limit, deadline) does: `fail` the job, or `restart`
+    /// the plugin and drop the frame, up to `max_restarts` times. Default `fail`.
+    #[serde(default)]
+    pub on_trap: TrapPolicy,
+    /// Restarts allowed per job under `on_trap = "restart"`. Default 3.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+}
+
+fn default_memory_mib() -> u64 {
+    64
+}
+fn default_call_deadline_ms() -> u64 {
+    5_000
+}
+fn default_max_restarts() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrapPolicy {
+    #[default]
+    Fail,
+    Restart,
+}
+
+impl JobTypeConfig {
+    pub fn new(plugin: impl Into<PathBuf>) -> Self {
+        Self {
+            plugin: plugin.into(),
+            memory_mib: default_memory_mib(),
+            call_deadline_ms: default_call_deadline_ms(),
+            on_trap: TrapPolicy::default(),
+            max_restarts: default_max_restarts(),
+        }
+    }
+
+    pub fn plugin_limits(&self) -> PluginLimits {
+        PluginLimits {
+            memory_bytes: self.memory_mib << 20,
+            call_deadline: Duration::from_millis(self.call_deadline_ms),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file; plugin paths are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source: Box::new(source),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for job_type in config.job_types.values_mut() {
+            if job_type.plugin.is_relative() {
+                job_type.plugin = base.join(&job_type.plugin);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.host.max_jobs == 0 {
+            return invalid("host.max_jobs must be at least 1".into());
+        }
+        if self.nats.ack_wait_secs < 3 {
+            return invalid("nats.ack_wait_secs must be at least 3".into());
+        }
+        for (name, job_type) in &self.job_types {
+            if job_type.memory_mib > self.sandbox.max_memory_mib {
+                return invalid(format!(
+                    "job_types.{name}.memory_mib ({}) exceeds sandbox.max_memory_mib ({})",
+                    job_type.memory_mib, self.sandbox.max_memory_mib
+                ));
+            }
+            if job_type.call_deadline_ms == 0 {
+                return invalid(format!(
+                    "job_types.{name}.call_deadline_ms must be positive"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn sandbox_config(&self) -> SandboxConfig {
+        let s = &self.sandbox;
+        SandboxConfig {
+            max_instances: s
+                .max_instances
+                .unwrap_or_else(|| (self.host.max_jobs as u32 * 2).max(4)),
+            max_memory_bytes: s.max_memory_mib << 20,
+            max_wasm_stack_bytes: s.max_wasm_stack_kib << 10,
+            max_results_per_call: s.max_results_per_call,
+            max_result_bytes: s.max_result_kib << 10,
+            max_log_bytes_per_job: s.max_log_kib_per_job << 10,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let config: Config = toml::from_str("").unwrap();
+        assert_eq!(config.host.max_jobs, 4);
+        assert_eq!(config.streams.topic, "agentChat");
+        assert_eq!(config.sandbox_config().max_instances, 8);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn job_types_and_limits() {
+        let config: Config = toml::from_str(
+            r#"
+            [host]
+            max_jobs = 2
+            [job_types.tracking]
+            plugin = "tracker.wasm"
+            memory_mib = 32
+            on_trap = "restart"
+            "#,
+        )
+        .unwrap();
+        let tracking = &config.job_types["tracking"];
+        assert_eq!(tracking.plugin_limits().memory_bytes, 32 << 20);
+        assert_eq!(
+            tracking.plugin_limits().call_deadline,
+            Duration::from_secs(5)
+        );
+        assert_eq!(tracking.on_trap, TrapPolicy::Restart);
+        assert_eq!(config.sandbox_config().max_instances, 4);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("[host]\nmax_job = 3").is_err());
+        let config: Config =
+            toml::from_str("[job_types.t]\nplugin = \"p.wasm\"\nmemory_mib = 4096").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("exceeds sandbox.max_memory_mib"), "{err}");
+    }
+}

@@ -1,1 +1,649 @@
-//! TODO
+//! Intake: jobs from NATS JetStream, status and results back to NATS.
+//!
+//! Jobs live in a work-queue stream (`nats.stream`, subjects `<prefix>.jobs.>`). Every replica
+//! pulls from one shared durable consumer, one message at a time and only while it has a free
+//! job slot (`host.max_jobs`), so a busy host leaves jobs for idle ones and the queue's lag
+//! is an honest scaling signal.
+//!
+//! A running job's message gets an in-progress ack every third of `ack_wait`. When the job
+//! ends: success acks it; a transient failure naks it with `nak_delay_secs` (it is redelivered,
+//! maybe elsewhere); a permanent failure, or a transient one on the last allowed delivery,
+//! copies the job to the dead-letter stream with the reason in its headers and terminates it.
+//! A host that dies mid-job stops sending in-progress acks, and JetStream redelivers the job
+//! after `ack_wait`.
+//!
+//! Status messages (JSON [`JobStatus`]) go to `<prefix>.status.<job id>`; each plugin result to
+//! `<prefix>.results.<job id>` with its content type and frame index in headers. A message on
+//! `<prefix>.control.<job id>` whose body is `stop` ends that job early (it is then acked).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::config::{Config, NatsConfig};
+use crate::job::{self, FailureKind, JobError, JobEvent, JobReport, JobSettings, JobSpec};
+use crate::registry::Registry;
+
+/// Header carrying a result's frame index.
+pub const FRAME_HEADER: &str = "Framehost-Frame";
+/// Headers of a dead-lettered job.
+pub const REASON_HEADER: &str = "Framehost-Reason";
+pub const ERROR_HEADER: &str = "Framehost-Error";
+pub const DELIVERIES_HEADER: &str = "Framehost-Deliveries";
+
+/// What happened to a job, published on its status subject.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job_id: String,
+    pub state: JobState,
+    /// The host that ran the job.
+    pub host: String,
+    /// Which delivery of the job this is, from 1.
+    pub delivery: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<FailureKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<JobReport>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Started,
+    Progress,
+    Finished,
+    /// Ended early by a stop request; acked.
+    Stopped,
+    /// Failed; `kind` says whether it will be redelivered.
+    Failed,
+    /// Handed back to the queue (host shutting down); another replica takes it.
+    Requeued,
+}
+
+impl JobState {
+    /// Whether no further status will follow for this delivery.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Started | Self::Progress)
+    }
+}
+
+/// Connects to NATS, retrying while the server is not up yet.
+pub async fn connect(config: &NatsConfig) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .name("framehost")
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("NATS connection lost; reconnecting")
+                }
+                async_nats::Event::Connected => tracing::info!("NATS connected"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        })
+        .connect(config.url.as_str())
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", config.url))
+}
+
+/// Creates the jobs stream, the dead-letter stream and the shared consumer if missing.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let jobs = js
+        .get_or_create_stream(stream::Config {
+            name: config.stream.clone(),
+            subjects: vec![format!("{}.jobs.>", config.subject_prefix)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("cannot create or open the jobs stream {}", config.stream))?;
+    js.get_or_create_stream(stream::Config {
+        name: config.dead_letter_stream.clone(),
+        subjects: vec![format!("{}.>", config.dead_letter_subject())],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(14 * 24 * 3600),
+        ..Default::default()
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "cannot create or open the dead-letter stream {}",
+            config.dead_letter_stream
+        )
+    })?;
+    jobs.get_or_create_consumer(
+        &config.consumer,
+        consumer::pull::Config {
+            durable_name: Some(config.consumer.clone()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(config.ack_wait_secs),
+            max_deliver: config.max_deliver,
+            filter_subject: format!("{}.jobs.>", config.subject_prefix),
+            ..Default::default()
+        },
+    )
+    .await
+    .with_context(|| format!("cannot create or open the consumer {}", config.consumer))
+}
+
+/// Pulls and runs jobs until `shutdown` is cancelled, then lets running jobs finish within
+/// `host.shutdown_grace_secs` and hands the rest back to the queue.
+pub async fn serve(
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = connect(&config.nats).await?;
+    let js = jetstream::new(client.clone());
+    let consumer = ensure_streams(&js, &config.nats).await?;
+    let host = hostname();
+    tracing::info!(
+        host = %host,
+        stream = %config.nats.stream,
+        consumer = %config.nats.consumer,
+        max_jobs = config.host.max_jobs,
+        job_types = ?registry.job_types().collect::<Vec<_>>(),
+        "Serving jobs"
+    );
+
+    let slots = Arc::new(Semaphore::new(config.host.max_jobs));
+    let stop_jobs = CancellationToken::new();
+    let mut running = tokio::task::JoinSet::new();
+
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("semaphore is never closed"),
+        };
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = next_job(&consumer) => message,
+        };
+        match message {
+            Ok(Some(message)) => {
+                let runner = Runner {
+                    config: config.clone(),
+                    registry: registry.clone(),
+                    client: client.clone(),
+                    js: js.clone(),
+                    host: host.clone(),
+                };
+                let stop = stop_jobs.child_token();
+                running.spawn(async move {
+                    runner.run(message, stop).await;
+                    drop(slot);
+                });
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(error = %error, "Cannot pull jobs; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        // Reap finished jobs so the set does not grow.
+        while running.try_join_next().is_some() {}
+    }
+
+    let grace = Duration::from_secs(config.host.shutdown_grace_secs);
+    tracing::info!(
+        running = running.len(),
+        grace_secs = grace.as_secs(),
+        "Shutting down: no more jobs pulled"
+    );
+    if tokio::time::timeout(grace, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            running = running.len(),
+            "Grace period over: handing running jobs back"
+        );
+        stop_jobs.cancel();
+        while running.join_next().await.is_some() {}
+    }
+    client.flush().await.ok();
+    Ok(())
+}
+
+async fn next_job(consumer: &consumer::PullConsumer) -> anyhow::Result<Option<jetstream::Message>> {
+    let mut batch = consumer
+        .batch()
+        .max_messages(1)
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    match batch.next().await {
+        Some(Ok(message)) => Ok(Some(message)),
+        Some(Err(error)) => Err(anyhow::anyhow!(error)),
+        None => Ok(None),
+    }
+}
+
+/// Runs one delivered job and settles its message.
+struct Runner {
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    host: String,
+}
+
+impl Runner {
+    async fn run(self, message: jetstream::Message, shutdown_stop: CancellationToken) {
+        let delivery = message.info().map(|info| info.delivered).unwrap_or(1);
+        let spec = match JobSpec::parse(&message.payload) {
+            Ok(spec) => spec,
+            Err(error) => {
+                tracing::error!(subject = %message.subject, error = %error, "Job refused");
+                self.dead_letter(&message, None, &error, delivery).await;
+                return;
+            }
+        };
+        let span = tracing::info_span!("job", job_id = %spec.id, job_type = %spec.job_type, room = %spec.source.room());
+        self.run_spec(message, spec, delivery, shutdown_stop)
+            .instrument(span)
+            .await;
+    }
+
+    async fn run_spec(
+        &self,
+        message: jetstream::Message,
+        spec: JobSpec,
+        delivery: i64,
+        shutdown_stop: CancellationToken,
+    ) {
+        let nats = &self.config.nats;
+        let status = |state| JobStatus {
+            job_id: spec.id.clone(),
+            state,
+            host: self.host.clone(),
+            delivery,
+            reason: None,
+            error: None,
+            kind: None,
+            report: None,
+        };
+
+        let Some(route) = self.registry.route(&spec.job_type) else {
+            let error = JobError::permanent(
+                "unknown_job_type",
+                format!("no plugin serves job type {:?} on this host", spec.job_type),
+            );
+            self.fail(&message, &spec, delivery, error).await;
+            return;
+        };
+
+        tracing::info!(
+            delivery,
+            plugin = route.plugin.name(),
+            digest = route.plugin.digest(),
+            "Job started"
+        );
+        self.publish_status(&status(JobState::Started)).await;
+
+        // Stop requests: from the control subject, or from the host's shutdown.
+        let stop = CancellationToken::new();
+        let by_shutdown = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let stop = stop.clone();
+            let by_shutdown = by_shutdown.clone();
+            let control = self.client.subscribe(nats.control_subject(&spec.id)).await;
+            tokio::spawn(async move {
+                let mut control = control.ok();
+                loop {
+                    tokio::select! {
+                        _ = shutdown_stop.cancelled() => {
+                            by_shutdown.store(true, Ordering::SeqCst);
+                            stop.cancel();
+                            return;
+                        }
+                        request = async {
+                            match control.as_mut() {
+                                Some(sub) => sub.next().await,
+                                None => std::future::pending().await,
+                            }
+                        } => match request {
+                            Some(request) if request.payload.trim_ascii() == b"stop" => {
+                                tracing::info!("Stop requested");
+                                stop.cancel();
+                                return;
+                            }
+                            Some(_) => {}
+                            None => control = None,
+                        },
+                    }
+                }
+            })
+        };
+
+        // In-progress acks keep JetStream from redelivering a job that is still running.
+        let heartbeat = {
+            let acker = message.clone();
+            let every = Duration::from_secs(nats.ack_wait_secs).div_f64(3.0);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    if let Err(error) = acker.ack_with(AckKind::Progress).await {
+                        tracing::warn!(error = %error, "In-progress ack failed");
+                    }
+                }
+            })
+        };
+
+        let (events_tx, mut events_rx) = mpsc::channel(64);
+        let publisher = {
+            let client = self.client.clone();
+            let results_subject = nats.results_subject(&spec.id);
+            let status_subject = nats.status_subject(&spec.id);
+            let progress = status(JobState::Progress);
+            tokio::spawn(async move {
+                while let Some(event) = events_rx.recv().await {
+                    match event {
+                        JobEvent::Result { frame, result } => {
+                            let mut headers = HeaderMap::new();
+                            headers.insert("Content-Type", result.content_type.as_str());
+                            if frame != u64::MAX {
+                                headers.insert(FRAME_HEADER, frame.to_string().as_str());
+                            }
+                            let published = client
+                                .publish_with_headers(
+                                    results_subject.clone(),
+                                    headers,
+                                    result.data.into(),
+                                )
+                                .await;
+                            if let Err(error) = published {
+                                tracing::warn!(error = %error, "Result not published");
+                            }
+                        }
+                        JobEvent::Progress(report) => {
+                            let status = JobStatus {
+                                report: Some(*report),
+                                ..progress.clone()
+                            };
+                            let body = serde_json::to_vec(&status).expect("status serializes");
+                            client
+                                .publish(status_subject.clone(), body.into())
+                                .await
+                                .ok();
+                        }
+                    }
+                }
+            })
+        };
+
+        let settings = JobSettings::new(&self.config, &route.job_type);
+        let outcome = job::run(&spec, &route.plugin, &settings, events_tx, stop.clone()).await;
+        publisher.await.ok();
+        watcher.abort();
+        heartbeat.abort();
+
+        match outcome {
+            Ok(report) if report.stopped && by_shutdown.load(Ordering::SeqCst) => {
+                tracing::info!(
+                    frames_processed = report.frames_processed,
+                    "Job handed back to the queue"
+                );
+                settle(&message, AckKind::Nak(None)).await;
+                self.publish_status(&JobStatus {
+                    report: Some(report),
+                    ..status(JobState::Requeued)
+                })
+                .await;
+            }
+            Ok(report) => {
+                let state = if report.stopped {
+                    JobState::Stopped
+                } else {
+                    JobState::Finished
+                };
+                tracing::info!(
+                    frames_in = report.frames_in,
+                    frames_processed = report.frames_processed,
+                    frames_dropped = report.frames_dropped,
+                    frames_rejected = report.frames_rejected.values().sum::<u64>(),
+                    results = report.results,
+                    elapsed_secs = report.elapsed_secs,
+                    "Job {}",
+                    if report.stopped {
+                        "stopped"
+                    } else {
+                        "finished"
+                    }
+                );
+                // Status first: once acked, a watcher may stop listening.
+                self.publish_status(&JobStatus {
+                    report: Some(report),
+                    ..status(state)
+                })
+                .await;
+                settle(&message, AckKind::Ack).await;
+            }
+            Err(error) => self.fail(&message, &spec, delivery, error).await,
+        }
+    }
+
+    /// Settles a failed job: nak a transient failure, dead-letter and terminate the rest.
+    async fn fail(
+        &self,
+        message: &jetstream::Message,
+        spec: &JobSpec,
+        delivery: i64,
+        error: JobError,
+    ) {
+        let last_delivery = delivery >= self.config.nats.max_deliver;
+        let will_retry = error.kind == FailureKind::Transient && !last_delivery;
+        tracing::error!(
+            reason = error.reason,
+            kind = ?error.kind,
+            delivery,
+            will_retry,
+            error = %error.message,
+            "Job failed"
+        );
+        let status = JobStatus {
+            job_id: spec.id.clone(),
+            state: JobState::Failed,
+            host: self.host.clone(),
+            delivery,
+            reason: Some(error.reason.to_owned()),
+            error: Some(error.message.clone()),
+            kind: Some(if will_retry {
+                FailureKind::Transient
+            } else {
+                FailureKind::Permanent
+            }),
+            report: error.report.as_deref().cloned(),
+        };
+        if will_retry {
+            let delay = Duration::from_secs(self.config.nats.nak_delay_secs);
+            settle(message, AckKind::Nak(Some(delay))).await;
+        } else {
+            self.dead_letter(message, Some(&spec.id), &error, delivery)
+                .await;
+        }
+        self.publish_status(&status).await;
+    }
+
+    /// Keeps the job where an operator can inspect it, then tells JetStream to drop it.
+    async fn dead_letter(
+        &self,
+        message: &jetstream::Message,
+        job_id: Option<&str>,
+        error: &JobError,
+        delivery: i64,
+    ) {
+        let nats = &self.config.nats;
+        let key = job_id.map(str::to_owned).unwrap_or_else(|| {
+            message
+                .info()
+                .map(|i| format!("seq-{}", i.stream_sequence))
+                .unwrap_or_else(|_| "unknown".into())
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(REASON_HEADER, error.reason);
+        headers.insert(ERROR_HEADER, one_line(&error.message).as_str());
+        headers.insert(DELIVERIES_HEADER, delivery.to_string().as_str());
+        let subject = format!("{}.{key}", nats.dead_letter_subject());
+        let kept = match self
+            .js
+            .publish_with_headers(subject, headers, message.payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match kept {
+            Ok(()) => settle(message, AckKind::Term).await,
+            Err(error) => {
+                // Without a copy, terminating would lose the job: let it be redelivered.
+                tracing::error!(error = %error, "Cannot dead-letter the job; leaving it to be redelivered");
+                settle(
+                    message,
+                    AckKind::Nak(Some(Duration::from_secs(nats.nak_delay_secs))),
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn publish_status(&self, status: &JobStatus) {
+        let subject = self.config.nats.status_subject(&status.job_id);
+        let body = serde_json::to_vec(status).expect("status serializes");
+        if let Err(error) = self.client.publish(subject, body.into()).await {
+            tracing::warn!(error = %error, "Status not published");
+        }
+        self.client.flush().await.ok();
+    }
+}
+
+/// Acks, naks or terminates, retrying through a NATS reconnect for up to a minute.
+async fn settle(message: &jetstream::Message, kind: AckKind) {
+    let mut delay = Duration::from_millis(100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = match kind {
+            AckKind::Ack => message.double_ack().await,
+            ref other => message.ack_with(clone_kind(other)).await,
+        };
+        match attempt {
+            Ok(()) => return,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %error, "Ack failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "Ack failed; the job will be redelivered");
+                return;
+            }
+        }
+    }
+}
+
+fn clone_kind(kind: &AckKind) -> AckKind {
+    match kind {
+        AckKind::Ack => AckKind::Ack,
+        AckKind::Nak(delay) => AckKind::Nak(*delay),
+        AckKind::Progress => AckKind::Progress,
+        AckKind::Next => AckKind::Next,
+        AckKind::Term => AckKind::Term,
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1024)
+        .collect()
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "framehost".into())
+}
+
+/// Publishes a job and, with `wait`, follows its status until a final state, calling
+/// `on_status` for each status message. Returns the last status seen.
+pub async fn submit(
+    config: &NatsConfig,
+    spec: &JobSpec,
+    wait: Option<Duration>,
+    mut on_status: impl FnMut(&JobStatus),
+) -> anyhow::Result<Option<JobStatus>> {
+    let client = connect(config).await?;
+    let js = jetstream::new(client.clone());
+    ensure_streams(&js, config).await?;
+
+    // Subscribe before publishing so that no status is missed.
+    let mut statuses = match wait {
+        Some(_) => Some(client.subscribe(config.status_subject(&spec.id)).await?),
+        None => None,
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", spec.id.as_str());
+    let body = serde_json::to_vec(spec)?;
+    js.publish_with_headers(config.jobs_subject(&spec.job_type), headers, body.into())
+        .await
+        .context("cannot publish the job")?
+        .await
+        .context("JetStream did not store the job")?;
+
+    let (Some(wait), Some(statuses)) = (wait, statuses.as_mut()) else {
+        return Ok(None);
+    };
+    let mut last = None;
+    let outcome = tokio::time::timeout(wait, async {
+        while let Some(message) = statuses.next().await {
+            let Ok(status) = serde_json::from_slice::<JobStatus>(&message.payload) else {
+                continue;
+            };
+            on_status(&status);
+            let done = status.state.is_final()
+                && !(status.state == JobState::Failed
+                    && status.kind == Some(FailureKind::Transient))
+                && status.state != JobState::Requeued;
+            last = Some(status);
+            if done {
+                break;
+            }
+        }
+    })
+    .await;
+    if outcome.is_err() {
+        anyhow::bail!("job {} did not end within {:?}", spec.id, wait);
+    }
+    Ok(last)
+}

@@ -1,1 +1,655 @@
-//! TODO
+//! A job, end to end: source → data streams → assembly → decode → queue → plugin.
+//!
+//! Two tasks run a job. The *path* task, on a blocking thread, reads the source and runs the
+//! sans-IO stages ([`Path`]): each packet goes through data-stream reassembly, completed
+//! streams through part assembly, whole messages through decode, and frames into the bounded
+//! [`FrameQueue`]. The *plugin* task takes frames from the queue, calls the job's plugin
+//! instance and forwards what it emits. Every rejection on the way is counted by reason in the
+//! job's [`JobCounters`]; none of them stops the job. A plugin trap follows the job type's
+//! [`TrapPolicy`].
+//!
+//! The plugin instance (its `Store` and all its memory) is created when the job starts and
+//! dropped when [`run`] returns, whatever the outcome.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use livekit_protocol::DataPacket;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::assembly::{Assembler, AssemblyEvent, AssemblyLimits};
+use crate::capture::CaptureReader;
+use crate::config::{Config, JobTypeConfig, TrapPolicy};
+use crate::decode::{self, DecodeLimits, Frame};
+use crate::queue::FrameQueue;
+use crate::sandbox::{CallError, JobInfo, Plugin, PluginLimits, PluginResult, Processor};
+use crate::source::{self, Pacing, PacketSink, SourceSpec};
+use crate::streams::{DataStreams, StreamEvent, StreamLimits};
+use crate::telemetry::{self, JobCounters};
+
+/// A job as submitted: `{"id": "...", "type": "...", "source": {...}, "config": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Unique id: 1 to 128 characters from `A-Z a-z 0-9 - _` (it is part of NATS subjects).
+    pub id: String,
+    /// The job type, which selects the plugin and its limits.
+    #[serde(rename = "type")]
+    pub job_type: String,
+    pub source: SourceSpec,
+    /// Handed to the plugin as JSON text. Must be an object; defaults to `{}`.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+impl JobSpec {
+    /// Parses and validates a job.
+    pub fn parse(bytes: &[u8]) -> Result<Self, JobError> {
+        let spec: Self = serde_json::from_slice(bytes).map_err(|e| {
+            JobError::permanent("bad_job", format!("job is not a valid JobSpec: {e}"))
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), JobError> {
+        let valid_id = !self.id.is_empty()
+            && self.id.len() <= 128
+            && self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid_id {
+            return Err(JobError::permanent(
+                "bad_job",
+                format!(
+                    "job id {:?} must be 1-128 characters of A-Z a-z 0-9 - _",
+                    self.id
+                ),
+            ));
+        }
+        if !self.config.is_object() {
+            return Err(JobError::permanent(
+                "bad_job",
+                "job config must be a JSON object",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Everything a job needs besides its spec and plugin.
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    pub streams: StreamLimits,
+    pub assembly: AssemblyLimits,
+    pub decode: DecodeLimits,
+    /// Decoded frames waiting for the plugin; past it the oldest is dropped.
+    pub queue_depth: usize,
+    pub plugin: PluginLimits,
+    pub on_trap: TrapPolicy,
+    pub max_restarts: u32,
+    /// Time between [`JobEvent::Progress`] events.
+    pub progress_interval: Duration,
+}
+
+impl JobSettings {
+    pub fn new(config: &Config, job_type: &JobTypeConfig) -> Self {
+        Self {
+            streams: config.streams.limits(),
+            assembly: config.assembly.limits(),
+            decode: config.decode.limits(),
+            queue_depth: config.host.queue_depth,
+            plugin: job_type.plugin_limits(),
+            on_trap: job_type.on_trap,
+            max_restarts: job_type.max_restarts,
+            progress_interval: Duration::from_secs(config.host.progress_interval_secs.max(1)),
+        }
+    }
+}
+
+/// What a running job reports as it goes.
+#[derive(Debug)]
+pub enum JobEvent {
+    Progress(Box<JobReport>),
+    Result { frame: u64, result: PluginResult },
+}
+
+/// Counters and outcome of a job; the `--json` line of `replay` and the body of the final
+/// status message.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JobReport {
+    pub job_id: String,
+    pub job_type: String,
+    pub plugin: String,
+    pub plugin_digest: String,
+    pub packets_in: u64,
+    pub streams_completed: u64,
+    /// Whole messages that came out of assembly: candidate frames.
+    pub frames_in: u64,
+    /// Frames the plugin processed without error.
+    pub frames_processed: u64,
+    /// Frames evicted from the full queue, or discarded when the job stopped early.
+    pub frames_dropped: u64,
+    /// Rejections at every stage, by reason: streams and parts lost on the way, messages
+    /// that failed to decode, frames the plugin refused.
+    pub frames_rejected: BTreeMap<String, u64>,
+    pub results: u64,
+    pub results_dropped: u64,
+    pub plugin_restarts: u32,
+    pub image_bytes: u64,
+    pub elapsed_secs: f64,
+    pub frames_per_sec: f64,
+    pub decoded_mib_per_sec: f64,
+    pub plugin_memory_peak_bytes: u64,
+    pub peak_rss_bytes: u64,
+    /// True when the job was stopped before its source ended.
+    pub stopped: bool,
+    /// The plugin's own summary (from `finish`).
+    pub summary: serde_json::Value,
+}
+
+/// Permanent failures are not retried; transient ones are redelivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    Permanent,
+    Transient,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}: {message}")]
+pub struct JobError {
+    pub kind: FailureKind,
+    /// Short label: `plugin_panic`, `bad_capture`, `unknown_job_type`, ...
+    pub reason: &'static str,
+    pub message: String,
+    /// What the job had done before it failed.
+    pub report: Option<Box<JobReport>>,
+}
+
+impl JobError {
+    pub fn permanent(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Permanent,
+            reason,
+            message: message.into(),
+            report: None,
+        }
+    }
+
+    pub fn transient(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind: FailureKind::Transient,
+            reason,
+            message: message.into(),
+            report: None,
+        }
+    }
+
+    fn with_report(mut self, report: JobReport) -> Self {
+        self.report = Some(Box::new(report));
+        self
+    }
+}
+
+/// Runs a job to its end: the source is exhausted, `stop` is cancelled, or the job fails.
+///
+/// Events (progress, results) go to `events`; a slow receiver slows the plugin, it does not
+/// grow a buffer.
+pub async fn run(
+    spec: &JobSpec,
+    plugin: &Plugin,
+    settings: &JobSettings,
+    events: mpsc::Sender<JobEvent>,
+    stop: CancellationToken,
+) -> Result<JobReport, JobError> {
+    let started = Instant::now();
+    let counters = Arc::new(JobCounters::default());
+    let queue = Arc::new(FrameQueue::<Frame>::new(settings.queue_depth));
+    let info = JobInfo {
+        job_id: spec.id.clone(),
+        job_type: spec.job_type.clone(),
+        room: spec.source.room(),
+        config_json: spec.config.to_string(),
+    };
+    let mut report = JobReport {
+        job_id: spec.id.clone(),
+        job_type: spec.job_type.clone(),
+        plugin: plugin.name().to_owned(),
+        plugin_digest: plugin.digest().to_owned(),
+        ..Default::default()
+    };
+
+    let processor = plugin
+        .instantiate(&info, settings.plugin)
+        .await
+        .map_err(|error| {
+            let kind = match error {
+                CallError::Instantiate(_) => FailureKind::Transient,
+                _ => FailureKind::Permanent,
+            };
+            JobError {
+                kind,
+                reason: "plugin_init",
+                message: error.to_string(),
+                report: None,
+            }
+        })?;
+
+    // The path stops when the plugin side fails or the job is stopped.
+    let path_stop = stop.child_token();
+    let path_task = {
+        let path = Path::new(spec.id.clone(), settings, counters.clone(), started);
+        let source = spec.source.clone();
+        let queue = queue.clone();
+        let path_stop = path_stop.clone();
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let outcome = feed(&source, path, &queue, &path_stop, &runtime);
+            queue.close();
+            outcome
+        })
+    };
+
+    let mut plugin_side = PluginSide {
+        job_id: &spec.id,
+        plugin,
+        info: &info,
+        settings,
+        counters: &counters,
+        events: &events,
+        processor,
+        restarts: 0,
+    };
+    let outcome = plugin_side.run(&queue, &stop, started, &report).await;
+
+    // Whatever happened, the path is told to stop and is waited for: no task outlives the job.
+    path_stop.cancel();
+    let discarded = queue.close_and_clear() as u64;
+    JobCounters::add(&counters.frames_dropped, discarded);
+    let path_outcome = path_task.await.unwrap_or_else(|e| {
+        Err(JobError::permanent(
+            "internal",
+            format!("path task failed: {e}"),
+        ))
+    });
+
+    let finished = match outcome.and(path_outcome) {
+        Ok(()) => {
+            let summary = plugin_side.processor.finish().await;
+            forward_results(&mut plugin_side.processor, u64::MAX, &counters, &events).await;
+            Ok(summary)
+        }
+        Err(error) => Err(error),
+    };
+
+    report.stopped = stop.is_cancelled();
+    let processor = &plugin_side.processor;
+    fill_report(
+        &mut report,
+        &counters,
+        started,
+        plugin_side.restarts,
+        processor.memory_peak(),
+        processor.results_dropped(),
+    );
+    match finished {
+        Ok(Ok(text)) => {
+            report.summary = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+            Ok(report)
+        }
+        Ok(Err(error)) => {
+            Err(JobError::permanent(error.reason(), format!("finish: {error}")).with_report(report))
+        }
+        Err(error) => Err(error.with_report(report)),
+    }
+}
+
+fn fill_report(
+    report: &mut JobReport,
+    counters: &JobCounters,
+    started: Instant,
+    restarts: u32,
+    memory_peak: u64,
+    results_dropped: u64,
+) {
+    let get = JobCounters::get;
+    report.packets_in = get(&counters.packets_in);
+    report.streams_completed = get(&counters.streams_completed);
+    report.frames_in = get(&counters.frames_in);
+    report.frames_processed = get(&counters.frames_processed);
+    report.frames_dropped = get(&counters.frames_dropped);
+    report.frames_rejected = counters.rejected();
+    report.results = get(&counters.results);
+    report.results_dropped = results_dropped;
+    report.plugin_restarts = restarts;
+    report.image_bytes = get(&counters.image_bytes);
+    report.plugin_memory_peak_bytes = report.plugin_memory_peak_bytes.max(memory_peak);
+    report.peak_rss_bytes = telemetry::peak_rss_bytes().unwrap_or(0);
+    let elapsed = started.elapsed().as_secs_f64();
+    report.elapsed_secs = elapsed;
+    if elapsed > 0.0 {
+        report.frames_per_sec = report.frames_processed as f64 / elapsed;
+        report.decoded_mib_per_sec = report.image_bytes as f64 / elapsed / (1 << 20) as f64;
+    }
+}
+
+/// The plugin task's state.
+struct PluginSide<'a> {
+    job_id: &'a str,
+    plugin: &'a Plugin,
+    info: &'a JobInfo,
+    settings: &'a JobSettings,
+    counters: &'a JobCounters,
+    events: &'a mpsc::Sender<JobEvent>,
+    processor: Processor,
+    restarts: u32,
+}
+
+impl PluginSide<'_> {
+    /// Feeds frames to the plugin until the queue ends or the job is stopped, or returns the
+    /// failure that ended the job.
+    async fn run(
+        &mut self,
+        queue: &FrameQueue<Frame>,
+        stop: &CancellationToken,
+        started: Instant,
+        template: &JobReport,
+    ) -> Result<(), JobError> {
+        let mut progress = tokio::time::interval(self.settings.progress_interval);
+        progress.tick().await;
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = progress.tick() => {
+                    let mut report = template.clone();
+                    fill_report(&mut report, self.counters, started, self.restarts,
+                        self.processor.memory_peak(), self.processor.results_dropped());
+                    // Progress is advisory: a full channel skips one rather than waiting.
+                    let _ = self.events.try_send(JobEvent::Progress(Box::new(report)));
+                    continue;
+                }
+                frame = queue.pop() => match frame {
+                    Some(frame) => frame,
+                    None => break,
+                },
+            };
+            let index = frame.index;
+            match self.processor.process(frame).await {
+                Ok(()) => JobCounters::add(&self.counters.frames_processed, 1),
+                Err(CallError::Returned(message)) => {
+                    self.counters.reject(self.job_id, "plugin_error", &message);
+                }
+                Err(trap) => self.recover(index, trap).await?,
+            }
+            forward_results(&mut self.processor, index, self.counters, self.events).await;
+        }
+        Ok(())
+    }
+
+    /// Applies the trap policy: restart the plugin (the frame is lost) or fail the job.
+    async fn recover(&mut self, index: u64, trap: CallError) -> Result<(), JobError> {
+        let reason = trap.reason();
+        let may_restart = self.settings.on_trap == TrapPolicy::Restart
+            && self.restarts < self.settings.max_restarts;
+        if !may_restart {
+            tracing::error!(job_id = self.job_id, frame = index, reason, error = %trap, "Plugin failed; failing the job");
+            return Err(JobError::permanent(
+                reason,
+                format!("frame {index}: {trap}"),
+            ));
+        }
+        self.restarts += 1;
+        self.counters.reject(self.job_id, reason, &trap);
+        tracing::warn!(job_id = self.job_id, frame = index, reason, restarts = self.restarts, error = %trap, "Plugin trapped; restarting it");
+        // The old instance is dropped (and its memory freed) as the new one replaces it.
+        self.processor = self
+            .plugin
+            .instantiate(self.info, self.settings.plugin)
+            .await
+            .map_err(|e| JobError::permanent("plugin_init", format!("restart after trap: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Sends what the plugin emitted during the last call.
+async fn forward_results(
+    processor: &mut Processor,
+    frame: u64,
+    counters: &JobCounters,
+    events: &mpsc::Sender<JobEvent>,
+) {
+    for result in processor.take_results() {
+        JobCounters::add(&counters.results, 1);
+        if events
+            .send(JobEvent::Result { frame, result })
+            .await
+            .is_err()
+        {
+            // Nobody is listening (the caller only wants the report): keep counting.
+        }
+    }
+}
+
+/// Runs the source into the path until it ends or `stop` is cancelled.
+fn feed(
+    source: &SourceSpec,
+    mut path: Path,
+    queue: &FrameQueue<Frame>,
+    stop: &CancellationToken,
+    runtime: &tokio::runtime::Handle,
+) -> Result<(), JobError> {
+    match source {
+        SourceSpec::Capture {
+            path: file,
+            realtime,
+        } => {
+            let mut reader = CaptureReader::open(file).map_err(|e| {
+                JobError::permanent("bad_capture", format!("{}: {e}", file.display()))
+            })?;
+            let pacing = if *realtime {
+                Pacing::Realtime
+            } else {
+                Pacing::AsFastAsPossible
+            };
+            let mut sink = QueueSink {
+                path: &mut path,
+                queue,
+                stop,
+                runtime,
+                lossless: !*realtime,
+            };
+            let end =
+                source::read_capture(&mut reader, Instant::now(), pacing, &mut sink).map_err(|e| {
+                    JobError::permanent("bad_capture", format!("{}: {e}", file.display()))
+                });
+            // What is still open when the capture ends will never complete.
+            if let Ok(end) = &end {
+                let mut frames = Vec::new();
+                path.finish(*end, &mut frames);
+                sink_frames(&path, frames, queue, runtime, !*realtime, stop);
+            }
+            end.map(drop)
+        }
+    }
+}
+
+/// Pushes packets through the path and its frames into the queue.
+struct QueueSink<'a> {
+    path: &'a mut Path,
+    queue: &'a FrameQueue<Frame>,
+    stop: &'a CancellationToken,
+    runtime: &'a tokio::runtime::Handle,
+    /// Wait for room in the queue (a file) instead of dropping the oldest frame (live).
+    lossless: bool,
+}
+
+impl PacketSink for QueueSink<'_> {
+    fn packet(&mut self, packet: DataPacket, now: Instant) -> bool {
+        if self.stop.is_cancelled() {
+            return false;
+        }
+        let mut frames = Vec::new();
+        self.path.packet(packet, now, &mut frames);
+        sink_frames(
+            self.path,
+            frames,
+            self.queue,
+            self.runtime,
+            self.lossless,
+            self.stop,
+        );
+        true
+    }
+}
+
+fn sink_frames(
+    path: &Path,
+    frames: Vec<Frame>,
+    queue: &FrameQueue<Frame>,
+    runtime: &tokio::runtime::Handle,
+    lossless: bool,
+    stop: &CancellationToken,
+) {
+    for frame in frames {
+        if lossless {
+            let pushed = runtime.block_on(async {
+                tokio::select! {
+                    pushed = queue.push_wait(frame) => pushed.is_ok(),
+                    _ = stop.cancelled() => false,
+                }
+            });
+            if !pushed {
+                return;
+            }
+        } else if queue.push(frame).is_some() {
+            JobCounters::add(&path.counters.frames_dropped, 1);
+            path.counters.warn(
+                &path.job_id,
+                "queue_full",
+                &"plugin is behind; oldest frame dropped",
+            );
+        }
+    }
+}
+
+/// The sans-IO part of the frame path: packets in, frames out.
+pub struct Path {
+    job_id: String,
+    streams: DataStreams,
+    assembler: Assembler,
+    decode: DecodeLimits,
+    counters: Arc<JobCounters>,
+    started: Instant,
+    next_index: u64,
+    stream_events: Vec<StreamEvent>,
+    assembly_events: Vec<AssemblyEvent>,
+}
+
+impl Path {
+    pub fn new(
+        job_id: String,
+        settings: &JobSettings,
+        counters: Arc<JobCounters>,
+        started: Instant,
+    ) -> Self {
+        Self {
+            job_id,
+            streams: DataStreams::new(settings.streams.clone()),
+            assembler: Assembler::new(settings.assembly.clone()),
+            decode: settings.decode.clone(),
+            counters,
+            started,
+            next_index: 0,
+            stream_events: Vec::new(),
+            assembly_events: Vec::new(),
+        }
+    }
+
+    /// Runs one packet through the stages; frames it completes are appended to `frames`.
+    pub fn packet(&mut self, packet: DataPacket, now: Instant, frames: &mut Vec<Frame>) {
+        JobCounters::add(&self.counters.packets_in, 1);
+        if self.streams.next_deadline().is_some_and(|d| d <= now) {
+            self.streams.expire(now, &mut self.stream_events);
+        }
+        if self.assembler.next_deadline().is_some_and(|d| d <= now) {
+            self.assembler.expire(now, &mut self.assembly_events);
+        }
+        self.streams.push(packet, now, &mut self.stream_events);
+        self.drain(now, frames);
+    }
+
+    /// Expires everything still open: the source has ended.
+    pub fn finish(&mut self, now: Instant, frames: &mut Vec<Frame>) {
+        let forever = now + Duration::from_secs(365 * 24 * 3600);
+        self.streams.expire(forever, &mut self.stream_events);
+        self.drain(now, frames);
+        self.assembler.expire(forever, &mut self.assembly_events);
+        self.drain(now, frames);
+    }
+
+    fn drain(&mut self, now: Instant, frames: &mut Vec<Frame>) {
+        for event in self.stream_events.drain(..) {
+            match event {
+                StreamEvent::Text(stream) => {
+                    JobCounters::add(&self.counters.streams_completed, 1);
+                    self.assembler.push(stream, now, &mut self.assembly_events);
+                }
+                StreamEvent::Rejected(rejected) => {
+                    let detail = format!(
+                        "stream {} from {}: {}",
+                        rejected.stream_id, rejected.sender, rejected.reason
+                    );
+                    self.counters
+                        .reject(&self.job_id, rejected.reason.reason(), &detail);
+                }
+            }
+        }
+        for event in self.assembly_events.drain(..) {
+            match event {
+                AssemblyEvent::Message(message) => {
+                    JobCounters::add(&self.counters.frames_in, 1);
+                    let received_ms = message
+                        .first_part_at
+                        .saturating_duration_since(self.started)
+                        .as_millis() as u64;
+                    match decode::decode(&message.text, self.next_index, received_ms, &self.decode)
+                    {
+                        Ok(frame) => {
+                            self.next_index += 1;
+                            JobCounters::add(
+                                &self.counters.image_bytes,
+                                frame.image_bytes() as u64,
+                            );
+                            frames.push(frame);
+                        }
+                        Err(error) => {
+                            let detail = format!(
+                                "message {} from {}: {error}",
+                                message.message_id, message.sender
+                            );
+                            self.counters.reject(&self.job_id, error.reason(), &detail);
+                        }
+                    }
+                }
+                AssemblyEvent::Rejected(rejected) => {
+                    let detail = format!(
+                        "message {} from {}: {}",
+                        rejected.message_id, rejected.sender, rejected.reason
+                    );
+                    self.counters
+                        .reject(&self.job_id, rejected.reason.reason(), &detail);
+                }
+            }
+        }
+    }
+}

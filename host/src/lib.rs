@@ -10,11 +10,13 @@
 
 pub mod assembly;
 pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod intake;
 pub mod job;
 pub mod queue;
+pub mod registry;
 pub mod sandbox;
 pub mod source;
 pub mod streams;

@@ -1,1 +1,163 @@
-//! TODO
+//! Telemetry: logging set-up, a job's counters, and rate-limited warnings for tripped bounds.
+//!
+//! Every bound that trips anywhere on the frame path is counted here under a short reason
+//! label and logged with the job id: the first time at once, then at most once per
+//! [`WARN_INTERVAL`] per reason with the number suppressed meanwhile.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tracing_subscriber::EnvFilter;
+
+/// Shortest time between two warnings for the same reason in the same job.
+pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Installs the global `tracing` subscriber: human-readable on stderr, or JSON lines.
+/// `RUST_LOG` overrides `default_filter`.
+pub fn init_logging(json: bool, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    // A second initialisation (tests, embedding) keeps the first subscriber.
+    drop(result);
+}
+
+/// What happened to one job's frames, shared by the job's source and plugin tasks.
+#[derive(Default)]
+pub struct JobCounters {
+    pub packets_in: AtomicU64,
+    pub streams_completed: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_processed: AtomicU64,
+    pub frames_dropped: AtomicU64,
+    pub image_bytes: AtomicU64,
+    pub results: AtomicU64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    warnings: Mutex<BTreeMap<&'static str, WarnState>>,
+}
+
+struct WarnState {
+    last: Instant,
+    suppressed: u64,
+}
+
+impl JobCounters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Counts a rejected frame (or part of one) under `reason` and logs it, rate-limited.
+    pub fn reject(&self, job_id: &str, reason: &'static str, detail: &dyn std::fmt::Display) {
+        *self
+            .rejected
+            .lock()
+            .expect("counters lock")
+            .entry(reason)
+            .or_insert(0) += 1;
+        self.warn(job_id, reason, detail);
+    }
+
+    /// Logs that a bound tripped, at most once per [`WARN_INTERVAL`] per reason.
+    pub fn warn(&self, job_id: &str, reason: &'static str, detail: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        let mut warnings = self.warnings.lock().expect("counters lock");
+        match warnings.get_mut(reason) {
+            Some(state) if now.duration_since(state.last) < WARN_INTERVAL => state.suppressed += 1,
+            Some(state) => {
+                tracing::warn!(
+                    job_id,
+                    reason,
+                    suppressed = state.suppressed,
+                    "Frame rejected: {detail}"
+                );
+                state.last = now;
+                state.suppressed = 0;
+            }
+            None => {
+                tracing::warn!(job_id, reason, "Frame rejected: {detail}");
+                warnings.insert(
+                    reason,
+                    WarnState {
+                        last: now,
+                        suppressed: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    pub fn rejected(&self) -> BTreeMap<String, u64> {
+        let rejected = self.rejected.lock().expect("counters lock");
+        rejected.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.lock().expect("counters lock").values().sum()
+    }
+}
+
+/// The process's resident set size now, in bytes (Linux; `None` elsewhere).
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_kib("VmRSS:").map(|kib| kib * 1024)
+}
+
+/// The process's peak resident set size, in bytes (Linux; `None` elsewhere).
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|kib| kib * 1024)
+}
+
+/// The number of memory mappings of this process (Linux; `None` elsewhere).
+pub fn memory_mappings() -> Option<usize> {
+    std::fs::read_to_string("/proc/self/maps")
+        .ok()
+        .map(|maps| maps.lines().count())
+}
+
+fn proc_status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_are_counted_by_reason() {
+        let counters = JobCounters::default();
+        for _ in 0..3 {
+            counters.reject("job-1", "bad_json", &"unexpected end");
+        }
+        counters.reject("job-1", "bad_base64", &"invalid byte");
+        let rejected = counters.rejected();
+        assert_eq!(rejected["bad_json"], 3);
+        assert_eq!(rejected["bad_base64"], 1);
+        assert_eq!(counters.rejected_total(), 4);
+        // Only the first of the three was logged; the others wait for the interval.
+        assert_eq!(counters.warnings.lock().unwrap()["bad_json"].suppressed, 2);
+    }
+
+    #[test]
+    fn rss_is_readable_here() {
+        assert!(rss_bytes().unwrap() > 0);
+        assert!(peak_rss_bytes().unwrap() >= rss_bytes().unwrap() / 2);
+        assert!(memory_mappings().unwrap() > 0);
+    }
+}

@@ -1,0 +1,632 @@
+//! The command line: `serve`, `replay`, `capture synth|info`, `job submit|stop`.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::CaptureReader;
+use crate::capture::synth::{self, SynthOptions};
+use crate::config::{Config, JobTypeConfig};
+use crate::intake::{self, JobState};
+use crate::job::{self, JobEvent, JobReport, JobSettings, JobSpec};
+use crate::registry::Registry;
+use crate::sandbox::Sandbox;
+use crate::source::SourceSpec;
+use crate::telemetry;
+
+#[derive(Parser)]
+#[command(
+    name = "framehost",
+    version,
+    about = "Runs sandboxed WebAssembly video-analytics plugins over LiveKit text streams",
+    long_about = "Runs sandboxed WebAssembly video-analytics plugins over LiveKit text streams.\n\n\
+        Jobs arrive on NATS JetStream (`serve`); each job's frames are reassembled from data \
+        streams, decoded, and handed to the job type's plugin, a WebAssembly component with \
+        its own memory and time limits. `replay` runs the same path offline over a capture \
+        file; `capture synth` makes one.",
+    after_help = "Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=framehost=debug) for more."
+)]
+struct Cli {
+    /// Log as JSON lines (for log collectors) instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Take jobs from NATS JetStream and run them until SIGTERM or Ctrl-C.
+    Serve(ServeArgs),
+    /// Run a plugin over a capture file offline, through the same path as a live job.
+    Replay(ReplayArgs),
+    /// Make or inspect capture files.
+    #[command(subcommand)]
+    Capture(CaptureCommand),
+    /// Submit or stop jobs on NATS.
+    #[command(subcommand)]
+    Job(JobCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file (TOML). Job types and their plugins are listed under [job_types].
+    #[arg(long, short, env = "FRAMEHOST_CONFIG")]
+    config: PathBuf,
+    /// NATS server URL, overriding `nats.url`.
+    #[arg(long, env = "FRAMEHOST_NATS_URL")]
+    nats: Option<String>,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The plugin component (.wasm) to run.
+    #[arg(long)]
+    plugin: PathBuf,
+    /// The capture file to replay.
+    capture: PathBuf,
+    /// Configuration file (TOML) for the path's bounds; defaults apply without one.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The job's config object, as JSON, handed to the plugin.
+    #[arg(long, default_value = "{}")]
+    job_config: String,
+    /// Plugin memory limit in MiB.
+    #[arg(long, default_value_t = 64)]
+    memory_mib: u64,
+    /// Deadline of one plugin call, in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    deadline_ms: u64,
+    /// Replay at the recorded pace, dropping frames the plugin cannot keep up with, as in a
+    /// live room. By default frames are fed as fast as the plugin takes them, none dropped.
+    #[arg(long)]
+    realtime: bool,
+    /// Write every plugin result as a JSON line to this file (`-` for stdout).
+    #[arg(long)]
+    results: Option<PathBuf>,
+    /// Print one JSON summary line on stdout instead of the human summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum CaptureCommand {
+    /// Make a synthetic capture: real photographs with moving objects, sent the way the
+    /// upstream vision service sends frames.
+    Synth(SynthArgs),
+    /// Print a capture's metadata and what it holds.
+    Info {
+        /// The capture file.
+        capture: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Frames to make (with --detections, at most the file's frames).
+    #[arg(long, default_value_t = 100)]
+    frames: u32,
+    /// Approximate encoded size of each JPEG, in KiB; the resolution and quality are picked
+    /// to reach it.
+    #[arg(long, default_value_t = 60)]
+    image_kib: u32,
+    /// App-level parts each frame's message is split into.
+    #[arg(long, default_value_t = 4)]
+    parts: u32,
+    /// Frame rate: sets the recorded arrival times and timestamps.
+    #[arg(long, default_value_t = 10.0)]
+    fps: f64,
+    /// Take the objects from a MOTChallenge file (frame,id,left,top,width,height,...; the
+    /// ids are dropped) instead of synthetic moving boxes.
+    #[arg(long)]
+    detections: Option<PathBuf>,
+    /// Frame size, WIDTHxHEIGHT (default: from --image-kib; 640x480 with --detections).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<(u32, u32)>,
+    /// Synthetic objects per frame.
+    #[arg(long, default_value_t = 4)]
+    objects: u32,
+    /// Seed of the synthetic motion.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Compress streams with raw deflate, as LiveKit senders do for receivers that
+    /// advertise it.
+    #[arg(long)]
+    deflate: bool,
+    /// Data-stream topic.
+    #[arg(long, default_value = "agentChat")]
+    topic: String,
+    /// Output capture file.
+    #[arg(long, short)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Publish a job; with --wait, follow its status until it ends (exit 0 if it finished).
+    Submit(SubmitArgs),
+    /// Ask the host running a job to stop it early (it finishes its plugin and is acked).
+    Stop {
+        /// The job's id.
+        id: String,
+        #[command(flatten)]
+        nats: NatsArgs,
+    },
+}
+
+#[derive(Args)]
+struct NatsArgs {
+    /// NATS server URL.
+    #[arg(
+        long,
+        env = "FRAMEHOST_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats: String,
+    /// Configuration file whose [nats] section names the stream and subjects (defaults
+    /// otherwise).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    /// The job type (selects the plugin on the hosts).
+    #[arg(long = "type")]
+    job_type: String,
+    /// Capture file to process, as seen by the host (made absolute here).
+    #[arg(long)]
+    capture: PathBuf,
+    /// Read the capture at its recorded pace, as a live room.
+    #[arg(long)]
+    realtime: bool,
+    /// Job id (default: a new UUID).
+    #[arg(long)]
+    id: Option<String>,
+    /// The job's config object, as JSON, handed to the plugin.
+    #[arg(long = "job-config", default_value = "{}")]
+    job_config: String,
+    /// Follow the job's status until it ends.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait, give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Print status messages as JSON lines.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+fn parse_size(text: &str) -> Result<(u32, u32), String> {
+    let (w, h) = text
+        .split_once(['x', 'X'])
+        .ok_or("expected WIDTHxHEIGHT, e.g. 640x480")?;
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{v:?} is not a number"))
+    };
+    Ok((parse(w)?, parse(h)?))
+}
+
+/// Parses the command line and runs it; the exit code says how it went.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_json, "info,wasmtime=warn,cranelift=warn");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve(args) => serve(args).await,
+        Command::Replay(args) => replay(args).await,
+        Command::Capture(CaptureCommand::Synth(args)) => capture_synth(args),
+        Command::Capture(CaptureCommand::Info { capture }) => capture_info(&capture),
+        Command::Job(JobCommand::Submit(args)) => submit(args).await,
+        Command::Job(JobCommand::Stop { id, nats }) => stop(&id, nats).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(url) = args.nats {
+        config.nats.url = url;
+    }
+    if config.job_types.is_empty() {
+        bail!(
+            "{} lists no [job_types]: this host would serve nothing",
+            args.config.display()
+        );
+    }
+    let sandbox = Sandbox::new(config.sandbox_config())?;
+    let registry = Registry::load(&sandbox, &config)?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    intake::serve(Arc::new(config), Arc::new(registry), shutdown).await?;
+    tracing::info!("Stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// First SIGTERM or Ctrl-C: graceful shutdown. Second: exit at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    let Ok(mut int) = signal(SignalKind::interrupt()) else {
+        return;
+    };
+    for n in 0.. {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if n > 0 {
+            tracing::warn!("Second signal: exiting now");
+            std::process::exit(1);
+        }
+        tracing::info!("Signal received: finishing running jobs, pulling no more");
+        shutdown.cancel();
+    }
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let job_config: serde_json::Value =
+        serde_json::from_str(&args.job_config).context("--job-config is not valid JSON")?;
+    if !args.capture.is_file() {
+        bail!("capture {} does not exist", args.capture.display());
+    }
+
+    let mut sandbox_config = config.sandbox_config();
+    sandbox_config.max_instances = 2;
+    sandbox_config.max_memory_bytes = sandbox_config.max_memory_bytes.max(args.memory_mib << 20);
+    let sandbox = Sandbox::new(sandbox_config)?;
+    let plugin = sandbox
+        .load_file(&args.plugin)
+        .with_context(|| format!("cannot load plugin {}", args.plugin.display()))?;
+
+    let spec = JobSpec {
+        id: format!("replay-{}", std::process::id()),
+        job_type: "replay".into(),
+        source: SourceSpec::Capture {
+            path: args.capture.clone(),
+            realtime: args.realtime,
+        },
+        config: job_config,
+    };
+    spec.validate()?;
+    let mut job_type = JobTypeConfig::new(&args.plugin);
+    job_type.memory_mib = args.memory_mib;
+    job_type.call_deadline_ms = args.deadline_ms;
+    let mut settings = JobSettings::new(&config, &job_type);
+    settings.progress_interval = Duration::from_millis(200);
+
+    let mut results_out: Option<Box<dyn Write + Send>> = match &args.results {
+        Some(path) if path == Path::new("-") => Some(Box::new(std::io::stdout())),
+        Some(path) => Some(Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        ))),
+        None => None,
+    };
+    let bar = (std::io::stderr().is_terminal() && !args.json).then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                .expect("valid template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        bar
+    });
+
+    let (events_tx, mut events_rx) = mpsc::channel(256);
+    let consumer = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events_rx.recv().await {
+                match event {
+                    JobEvent::Progress(report) => {
+                        if let Some(bar) = &bar {
+                            bar.set_message(progress_line(&report));
+                        }
+                    }
+                    JobEvent::Result { frame, result } => {
+                        if let Some(out) = results_out.as_mut() {
+                            let line = result_line(frame, &result.content_type, &result.data);
+                            if writeln!(out, "{line}").is_err() {
+                                results_out = None;
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(mut out) = results_out {
+                out.flush().ok();
+            }
+        })
+    };
+
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.cancel();
+            }
+        });
+    }
+    let outcome = job::run(&spec, &plugin, &settings, events_tx, stop).await;
+    consumer.await.ok();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+
+    match outcome {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print_summary(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            if args.json {
+                let mut line =
+                    serde_json::to_value(error.report.as_deref().cloned().unwrap_or_default())?;
+                line["error"] = error.message.clone().into();
+                line["reason"] = error.reason.into();
+                println!("{line}");
+            } else if let Some(report) = error.report.as_deref() {
+                print_summary(report);
+            }
+            eprintln!("error: job failed ({}): {}", error.reason, error.message);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn progress_line(report: &JobReport) -> String {
+    format!(
+        "{} frames processed, {} dropped, {} rejected, {:.1} frames/s",
+        report.frames_processed,
+        report.frames_dropped,
+        report.frames_rejected.values().sum::<u64>(),
+        report.frames_per_sec
+    )
+}
+
+/// A result as one JSON line: JSON results inline, others base64.
+fn result_line(frame: u64, content_type: &str, data: &[u8]) -> String {
+    use base64::Engine as _;
+    let frame = (frame != u64::MAX).then_some(frame);
+    let value = if content_type.starts_with("application/json") {
+        serde_json::from_slice::<serde_json::Value>(data).ok()
+    } else {
+        None
+    };
+    let line = match value {
+        Some(value) => {
+            serde_json::json!({"frame": frame, "content_type": content_type, "data": value})
+        }
+        None => serde_json::json!({
+            "frame": frame,
+            "content_type": content_type,
+            "data_base64": base64::engine::general_purpose::STANDARD.encode(data),
+        }),
+    };
+    line.to_string()
+}
+
+fn print_summary(report: &JobReport) {
+    let rejected: u64 = report.frames_rejected.values().sum();
+    println!("plugin      {} ({})", report.plugin, report.plugin_digest);
+    println!(
+        "frames      {} in, {} processed, {} dropped, {} rejected",
+        report.frames_in, report.frames_processed, report.frames_dropped, rejected
+    );
+    for (reason, count) in &report.frames_rejected {
+        println!("  rejected  {count} {reason}");
+    }
+    println!(
+        "results     {} ({} dropped)",
+        report.results, report.results_dropped
+    );
+    println!(
+        "speed       {:.1} frames/s, {:.1} MiB/s of images, {:.2} s",
+        report.frames_per_sec, report.decoded_mib_per_sec, report.elapsed_secs
+    );
+    println!(
+        "memory      plugin peak {:.1} MiB, host peak RSS {:.1} MiB",
+        report.plugin_memory_peak_bytes as f64 / (1 << 20) as f64,
+        report.peak_rss_bytes as f64 / (1 << 20) as f64
+    );
+    if report.stopped {
+        println!("stopped     before the end of the capture");
+    }
+    let summary = serde_json::to_string_pretty(&report.summary).unwrap_or_default();
+    println!("summary     {}", summary.replace('\n', "\n            "));
+}
+
+fn capture_synth(args: SynthArgs) -> anyhow::Result<ExitCode> {
+    let options = SynthOptions {
+        frames: args.frames,
+        image_kib: args.image_kib,
+        parts: args.parts,
+        fps: args.fps,
+        detections: args.detections,
+        size: args.size,
+        objects: args.objects,
+        seed: args.seed,
+        topic: args.topic,
+        deflate: args.deflate,
+        ..SynthOptions::default()
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(options.frames as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} frames {eta}")
+                .expect("valid template"),
+        );
+        bar
+    });
+    let report = synth::synth(&options, &args.out, |done| {
+        if let Some(bar) = &bar {
+            bar.set_position(done as u64);
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    eprintln!(
+        "wrote {}: {} frames of {}x{} (JPEG quality {}, {:.1} KiB each on average), {} packets, {:.1} MiB",
+        args.out.display(),
+        report.frames,
+        report.width,
+        report.height,
+        report.jpeg_quality,
+        report.mean_image_bytes as f64 / 1024.0,
+        report.packets,
+        report.bytes_written as f64 / (1 << 20) as f64
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn capture_info(path: &Path) -> anyhow::Result<ExitCode> {
+    let mut reader =
+        CaptureReader::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let meta = reader.meta().clone();
+    let (mut records, mut bytes, mut last) = (0u64, 0u64, Duration::ZERO);
+    let mut senders = std::collections::BTreeSet::new();
+    for record in reader.by_ref() {
+        let record = record?;
+        records += 1;
+        bytes += prost::Message::encoded_len(&record.packet) as u64;
+        last = last.max(record.at);
+        senders.insert(record.packet.participant_identity);
+    }
+    println!("source      {}", meta.source);
+    println!("topic       {}", meta.topic);
+    println!("note        {}", meta.note);
+    println!(
+        "packets     {records} ({:.1} MiB)",
+        bytes as f64 / (1 << 20) as f64
+    );
+    println!("duration    {:.2} s", last.as_secs_f64());
+    println!(
+        "senders     {}",
+        senders.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn nats_config(args: &NatsArgs) -> anyhow::Result<crate::config::NatsConfig> {
+    let mut nats = match &args.config {
+        Some(path) => Config::load(path)?.nats,
+        None => Default::default(),
+    };
+    nats.url = args.nats.clone();
+    Ok(nats)
+}
+
+async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let nats = nats_config(&args.nats)?;
+    let capture = std::path::absolute(&args.capture)
+        .with_context(|| format!("cannot resolve {}", args.capture.display()))?;
+    let spec = JobSpec {
+        id: args.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        job_type: args.job_type,
+        source: SourceSpec::Capture {
+            path: capture,
+            realtime: args.realtime,
+        },
+        config: serde_json::from_str(&args.job_config).context("--job-config is not valid JSON")?,
+    };
+    spec.validate()?;
+
+    let json = args.json;
+    let wait = args.wait.then(|| Duration::from_secs(args.timeout));
+    let last = intake::submit(&nats, &spec, wait, |status| {
+        if json {
+            println!("{}", serde_json::to_string(status).unwrap_or_default());
+            return;
+        }
+        match status.state {
+            JobState::Started => {
+                eprintln!("started on {} (delivery {})", status.host, status.delivery)
+            }
+            JobState::Progress => {
+                if let Some(report) = &status.report {
+                    eprintln!("progress: {}", progress_line(report));
+                }
+            }
+            _ => {}
+        }
+    })
+    .await?;
+
+    let Some(last) = last else {
+        println!("{}", spec.id);
+        return Ok(ExitCode::SUCCESS);
+    };
+    if !json {
+        match (&last.state, &last.report) {
+            (JobState::Finished | JobState::Stopped, Some(report)) => print_summary(report),
+            _ => eprintln!(
+                "job {} {:?}: {} ({})",
+                spec.id,
+                last.state,
+                last.error.as_deref().unwrap_or("no reason given"),
+                last.reason.as_deref().unwrap_or("-")
+            ),
+        }
+    }
+    Ok(
+        if matches!(last.state, JobState::Finished | JobState::Stopped) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}
+
+async fn stop(id: &str, args: NatsArgs) -> anyhow::Result<ExitCode> {
+    let nats = nats_config(&args)?;
+    let client = intake::connect(&nats).await?;
+    client
+        .publish(nats.control_subject(id), "stop".into())
+        .await?;
+    client.flush().await?;
+    eprintln!("stop requested for job {id}");
+    Ok(ExitCode::SUCCESS)
+}
