@@ -53,6 +53,9 @@ enum Command {
     /// Submit or stop jobs on NATS.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Measure throughput, job start time and memory over many jobs (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 #[derive(Args)]
@@ -249,6 +252,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Capture(CaptureCommand::Info { capture }) => capture_info(&capture),
         Command::Job(JobCommand::Submit(args)) => submit(args).await,
         Command::Job(JobCommand::Stop { id, nats }) => stop(&id, nats).await,
+        Command::Bench(command) => crate::bench::run(command).await,
     }
 }
 

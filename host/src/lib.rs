@@ -9,6 +9,7 @@
 //! `job` is where the path is put together; read it first.
 
 pub mod assembly;
+pub mod bench;
 pub mod capture;
 pub mod cli;
 pub mod config;

@@ -487,6 +487,12 @@ fn classify(state: &PluginState, error: wasmtime::Error) -> CallError {
                 .unwrap_or_else(|| "unreachable code reached (no panic message)".to_owned());
             CallError::Panic(message)
         }
+        // Rust (and C) plugins keep their call stack in linear memory, placed below the data:
+        // overflowing it runs off the bottom of memory and traps here.
+        Some(Trap::MemoryOutOfBounds) => CallError::Trap(
+            "out of bounds memory access (a plugin overflowing its own stack traps this way)"
+                .to_owned(),
+        ),
         Some(trap) => CallError::Trap(trap.to_string()),
         None => CallError::Trap(format!("{error:#}")),
     }
