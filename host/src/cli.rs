@@ -224,7 +224,10 @@ fn parse_size(text: &str) -> Result<(u32, u32), String> {
 /// Parses the command line and runs it; the exit code says how it went.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(cli.log_json, "info,wasmtime=warn,cranelift=warn");
+    telemetry::init_logging(
+        cli.log_json,
+        "info,wasmtime=warn,cranelift=warn,async_nats=warn",
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -626,7 +629,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
 
 async fn stop(id: &str, args: NatsArgs) -> anyhow::Result<ExitCode> {
     let nats = nats_config(&args)?;
-    let client = intake::connect(&nats).await?;
+    let client = intake::connect(&nats, intake::FirstConnect::FailFast).await?;
     client
         .publish(nats.control_subject(id), "stop".into())
         .await?;

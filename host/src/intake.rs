@@ -80,11 +80,27 @@ impl JobState {
     }
 }
 
-/// Connects to NATS, retrying while the server is not up yet.
-pub async fn connect(config: &NatsConfig) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+/// How [`connect`] treats a server that does not answer at first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstConnect {
+    /// Keep trying (a service waiting for its broker).
+    Retry,
+    /// Fail at once (a command a person is waiting on).
+    FailFast,
+}
+
+/// Connects to NATS. Once connected, the client reconnects by itself after a drop.
+pub async fn connect(
+    config: &NatsConfig,
+    first: FirstConnect,
+) -> anyhow::Result<async_nats::Client> {
+    let mut options = async_nats::ConnectOptions::new();
+    if first == FirstConnect::Retry {
+        tracing::info!(url = %config.url, "Connecting to NATS (retrying until it answers)");
+        options = options.retry_on_initial_connect();
+    }
+    options
         .name("framehost")
-        .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
         .event_callback(|event| async move {
             match event {
@@ -153,9 +169,15 @@ pub async fn serve(
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = connect(&config.nats).await?;
+    let client = tokio::select! {
+        client = connect(&config.nats, FirstConnect::Retry) => client?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     let js = jetstream::new(client.clone());
-    let consumer = ensure_streams(&js, &config.nats).await?;
+    let consumer = tokio::select! {
+        consumer = ensure_streams(&js, &config.nats) => consumer?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     let host = hostname();
     tracing::info!(
         host = %host,
@@ -603,7 +625,7 @@ pub async fn submit(
     wait: Option<Duration>,
     mut on_status: impl FnMut(&JobStatus),
 ) -> anyhow::Result<Option<JobStatus>> {
-    let client = connect(config).await?;
+    let client = connect(config, FirstConnect::FailFast).await?;
     let js = jetstream::new(client.clone());
     ensure_streams(&js, config).await?;
 
