@@ -166,13 +166,9 @@ enum JobCommand {
 
 #[derive(Args)]
 struct NatsArgs {
-    /// NATS server URL.
-    #[arg(
-        long,
-        env = "FRAMEHOST_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    nats: String,
+    /// NATS server URL [default: the config's nats.url, else nats://127.0.0.1:4222].
+    #[arg(long, env = "FRAMEHOST_NATS_URL")]
+    nats: Option<String>,
     /// Configuration file whose [nats] section names the stream and subjects (defaults
     /// otherwise).
     #[arg(long, short)]
@@ -562,7 +558,9 @@ fn nats_config(args: &NatsArgs) -> anyhow::Result<crate::config::NatsConfig> {
         Some(path) => Config::load(path)?.nats,
         None => Default::default(),
     };
-    nats.url = args.nats.clone();
+    if let Some(url) = &args.nats {
+        nats.url = url.clone();
+    }
     Ok(nats)
 }
 
