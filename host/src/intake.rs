@@ -318,6 +318,9 @@ impl Runner {
             return;
         };
 
+        // Subscribed before `Started` is published, so that a stop request sent as soon as
+        // the job is seen to start is not lost.
+        let control = self.client.subscribe(nats.control_subject(&spec.id)).await;
         tracing::info!(
             delivery,
             plugin = route.plugin.name(),
@@ -332,7 +335,6 @@ impl Runner {
         let watcher = {
             let stop = stop.clone();
             let by_shutdown = by_shutdown.clone();
-            let control = self.client.subscribe(nats.control_subject(&spec.id)).await;
             tokio::spawn(async move {
                 let mut control = control.ok();
                 loop {

@@ -476,15 +476,21 @@ fn classify(state: &PluginState, error: wasmtime::Error) -> CallError {
     match error.downcast_ref::<Trap>() {
         Some(Trap::StackOverflow) => CallError::StackOverflow,
         Some(Trap::UnreachableCodeReached) => {
-            // Rust plugins abort through `unreachable` after printing the panic message.
+            // Rust plugins abort through `unreachable` after printing the panic: a line
+            // "thread '..' panicked at FILE:LINE:COL:" and then the message itself, on the
+            // lines up to the "note: run with `RUST_BACKTRACE=1`" hint.
             let output = state.output.lock().expect("output lock");
-            let message = output
-                .recent
-                .iter()
-                .rev()
-                .find(|line| line.contains("panicked"))
-                .cloned()
-                .unwrap_or_else(|| "unreachable code reached (no panic message)".to_owned());
+            let message = match output.recent.iter().rposition(|l| l.contains("panicked")) {
+                Some(at) => output
+                    .recent
+                    .iter()
+                    .skip(at)
+                    .take_while(|line| !line.starts_with("note:"))
+                    .map(|line| line.trim())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                None => "unreachable code reached (no panic message)".to_owned(),
+            };
             CallError::Panic(message)
         }
         // Rust (and C) plugins keep their call stack in linear memory, placed below the data:
