@@ -1,1 +1,23 @@
-//! Test support: a nats-server harness and helpers to find the built plugins.
+//! Test support for framehost's end-to-end tests.
+//!
+//! - [`NatsServer`]: a real `nats-server` with JetStream on a free port and its own storage.
+//! - [`HostProcess`]: the `framehost serve` binary with a configuration written for the test.
+//! - [`Cluster`]: one server, the hosts a test starts, and what a test asserts about jobs
+//!   (their status, results, the work queue and the dead-letter stream).
+//! - [`artifacts`]: where the binary and the plugins are, built before the tests run.
+//! - [`captures`]: small synthetic capture files.
+//!
+//! Every wait is bounded; a timeout or a failed expectation panics with what was expected
+//! and the tail of each host's log.
+
+pub mod artifacts;
+pub mod captures;
+mod cluster;
+mod host_process;
+mod jobs;
+mod nats_server;
+
+pub use cluster::{Cluster, within};
+pub use host_process::HostProcess;
+pub use jobs::{JobResult, JobWatch};
+pub use nats_server::NatsServer;

@@ -1,0 +1,68 @@
+//! The framehost binary and the plugins, as built by `scripts/test` before the tests run.
+//!
+//! Tests never invoke cargo themselves: `cargo test` holds the build lock, and a build from
+//! inside a test would wait for it forever.
+
+use std::path::{Path, PathBuf};
+
+/// The workspace's target directory: `$CARGO_TARGET_DIR` when set, else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    let workspace = workspace_root();
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        // A relative target dir is relative to where cargo was run: the workspace root for
+        // scripts/test.
+        Some(dir) if !dir.is_empty() => workspace.join(dir),
+        _ => workspace.join("target"),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives inside the workspace")
+        .to_path_buf()
+}
+
+/// `target/debug/framehost`.
+pub fn framehost_bin() -> PathBuf {
+    let path = target_dir().join("debug").join("framehost");
+    if !path.is_file() {
+        panic!(
+            "the framehost binary is missing at {}: run `cargo build -p framehost` first \
+             (scripts/test does it before `cargo test`)",
+            path.display()
+        );
+    }
+    path
+}
+
+/// The multi-object tracker plugin.
+pub fn tracker() -> PathBuf {
+    plugin("tracker")
+}
+
+/// The plugin that decodes each frame's image and reports colour statistics.
+pub fn frame_stats() -> PathBuf {
+    plugin("frame_stats")
+}
+
+/// The test plugin that misbehaves as its job config says.
+pub fn misbehave() -> PathBuf {
+    plugin("misbehave")
+}
+
+/// `target/wasm32-wasip2/release/<name>.wasm`.
+pub fn plugin(name: &str) -> PathBuf {
+    let path = target_dir()
+        .join("wasm32-wasip2")
+        .join("release")
+        .join(format!("{name}.wasm"));
+    if !path.is_file() {
+        panic!(
+            "plugin {name} is missing at {}: run `scripts/build-plugins` first \
+             (scripts/test does it before `cargo test`)",
+            path.display()
+        );
+    }
+    path
+}

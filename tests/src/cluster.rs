@@ -1,0 +1,284 @@
+//! One NATS server, the framehost hosts a test starts against it, and what tests check.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::StreamMessage};
+use framehost::capture::synth::SynthOptions;
+use framehost::config::{Config, JobTypeConfig, NatsConfig};
+use framehost::job::JobSpec;
+use framehost::source::SourceSpec;
+use tempfile::TempDir;
+
+use crate::{HostProcess, JobWatch, NatsServer, captures};
+
+/// Log lines of each host shown when a test fails.
+const LOG_TAIL_LINES: usize = 40;
+
+/// Awaits `fut` for at most `limit`; past it, panics saying what was awaited, followed by
+/// `context()` (the hosts' logs).
+pub async fn within<F: Future>(
+    limit: Duration,
+    what: impl Display,
+    context: impl FnOnce() -> String,
+    fut: F,
+) -> F::Output {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(output) => output,
+        Err(_) => panic!(
+            "timed out after {limit:?} waiting for {what}\n{}",
+            context()
+        ),
+    }
+}
+
+/// A NATS server with JetStream, the framehost hosts started against it, a client for the
+/// test, and a scratch directory.
+pub struct Cluster {
+    pub nats: NatsServer,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    /// The configuration hosts are started with; tests adjust it before starting one.
+    pub config: Config,
+    pub scratch: TempDir,
+    hosts: Vec<HostProcess>,
+}
+
+impl Cluster {
+    /// Starts a server; no host yet. The configuration template points at the server and
+    /// serves no job type until the test adds some.
+    pub async fn start() -> Self {
+        let nats = NatsServer::start()
+            .await
+            .unwrap_or_else(|e| panic!("cannot start nats-server: {e:#}"));
+        let client = async_nats::connect(nats.url())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to nats-server at {}: {e}", nats.url()));
+        let js = jetstream::new(client.clone());
+        let mut config = Config::default();
+        config.nats.url = nats.url();
+        let scratch = tempfile::Builder::new()
+            .prefix("framehost-test-")
+            .tempdir()
+            .expect("cannot create a scratch directory");
+        Self {
+            nats,
+            client,
+            js,
+            config,
+            scratch,
+            hosts: Vec::new(),
+        }
+    }
+
+    /// The `[nats]` section every host and submitter of this cluster uses. Submitters create
+    /// the stream and consumer when they come first, so they must agree with the hosts
+    /// (`ack_wait_secs` above all).
+    pub fn nats_config(&self) -> &NatsConfig {
+        &self.config.nats
+    }
+
+    /// Routes `name` to `plugin` with default limits, and returns its settings to adjust.
+    pub fn serve_job_type(&mut self, name: &str, plugin: PathBuf) -> &mut JobTypeConfig {
+        self.config
+            .job_types
+            .insert(name.to_owned(), JobTypeConfig::new(plugin));
+        self.config.job_types.get_mut(name).expect("just inserted")
+    }
+
+    /// Starts `framehost serve` with the current configuration and `HOSTNAME=name`, and
+    /// waits until it pulls jobs. Returns its index for [`Cluster::host`].
+    pub async fn start_host(&mut self, name: &str) -> usize {
+        let host = HostProcess::start(name, &self.config)
+            .unwrap_or_else(|e| self.fail(format!("cannot start host {name}: {e:#}")));
+        self.hosts.push(host);
+        let index = self.hosts.len() - 1;
+        // Compiling the plugins takes a few seconds in a debug build, more on a busy machine.
+        if let Err(error) = self.hosts[index]
+            .wait_serving(Duration::from_secs(120))
+            .await
+        {
+            self.fail(format!("{error:#}"));
+        }
+        index
+    }
+
+    pub fn host(&mut self, index: usize) -> &mut HostProcess {
+        &mut self.hosts[index]
+    }
+
+    /// The tail of every host's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for host in &self.hosts {
+            out.push_str(&format!(
+                "----- log of host {} (last {LOG_TAIL_LINES} lines) -----\n{}\n",
+                host.name(),
+                host.log_tail(LOG_TAIL_LINES)
+            ));
+        }
+        if self.hosts.is_empty() {
+            out.push_str("(no host was started)\n");
+        }
+        out
+    }
+
+    /// Panics with `message` and the hosts' logs.
+    pub fn fail(&self, message: impl Display) -> ! {
+        panic!("{message}\n{}", self.logs())
+    }
+
+    /// Panics with `message` and the hosts' logs unless `condition` holds.
+    #[track_caller]
+    pub fn check(&self, condition: bool, message: impl Display) {
+        if !condition {
+            self.fail(message);
+        }
+    }
+
+    /// [`within`], with the hosts' logs on timeout.
+    pub async fn within<F: Future>(
+        &self,
+        limit: Duration,
+        what: impl Display,
+        fut: F,
+    ) -> F::Output {
+        within(limit, what, || self.logs(), fut).await
+    }
+
+    /// Makes a capture in the scratch directory.
+    pub fn capture(&self, name: &str, options: &SynthOptions) -> PathBuf {
+        let path = self.scratch.path().join(format!("{name}.cap"));
+        captures::make(&path, options);
+        path
+    }
+
+    /// A job reading `capture`.
+    pub fn job(&self, id: &str, job_type: &str, capture: &Path, realtime: bool) -> JobSpec {
+        JobSpec {
+            id: id.to_owned(),
+            job_type: job_type.to_owned(),
+            source: SourceSpec::Capture {
+                path: capture.to_path_buf(),
+                realtime,
+            },
+            config: serde_json::json!({}),
+        }
+    }
+
+    /// Subscribes to a job's status and results; do it before submitting the job.
+    pub async fn watch(&self, id: &str) -> JobWatch {
+        JobWatch::new(&self.client, self.nats_config(), id)
+            .await
+            .unwrap_or_else(|e| self.fail(format!("cannot subscribe to job {id}: {e}")))
+    }
+
+    /// Publishes a job the way `framehost job submit` does (without waiting for it).
+    pub async fn submit(&self, spec: &JobSpec) {
+        let submitted = framehost::intake::submit(self.nats_config(), spec, None, |_| {});
+        if let Err(error) = self
+            .within(
+                Duration::from_secs(30),
+                format!("job {} to be stored", spec.id),
+                submitted,
+            )
+            .await
+        {
+            self.fail(format!("cannot submit job {}: {error:#}", spec.id));
+        }
+    }
+
+    /// Messages in the jobs (work-queue) stream: jobs not yet acked or terminated.
+    pub async fn jobs_in_queue(&self) -> u64 {
+        self.jobs_stream_state().await.messages
+    }
+
+    /// The jobs stream's counters.
+    pub async fn jobs_stream_state(&self) -> jetstream::stream::State {
+        let mut stream = self
+            .js
+            .get_stream(&self.nats_config().stream)
+            .await
+            .unwrap_or_else(|e| self.fail(format!("cannot open the jobs stream: {e}")));
+        let info = stream
+            .info()
+            .await
+            .unwrap_or_else(|e| self.fail(format!("cannot read the jobs stream: {e}")));
+        info.state.clone()
+    }
+
+    /// Waits until the jobs stream is empty: every job was acked or terminated. A host
+    /// settles a job just after publishing its final status, hence the (bounded) wait.
+    pub async fn wait_queue_empty(&self, why: &str) {
+        let empty = async {
+            while self.jobs_in_queue().await > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        self.within(
+            Duration::from_secs(20),
+            format!("the jobs stream to be empty ({why})"),
+            empty,
+        )
+        .await;
+    }
+
+    /// The dead-lettered copy of a job, stored under `<prefix>.dead.<key>` (the job id, or
+    /// `seq-<stream sequence>` for a job that could not be parsed).
+    pub async fn dead_letter(&self, key: &str) -> Option<StreamMessage> {
+        let nats = self.nats_config();
+        let stream = self.js.get_stream(&nats.dead_letter_stream).await.ok()?;
+        stream
+            .get_last_raw_message_by_subject(&format!("{}.{key}", nats.dead_letter_subject()))
+            .await
+            .ok()
+    }
+
+    /// Waits for a dead-lettered job to be stored.
+    pub async fn wait_dead_letter(&self, key: &str) -> StreamMessage {
+        let found = async {
+            loop {
+                if let Some(message) = self.dead_letter(key).await {
+                    return message;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        self.within(
+            Duration::from_secs(30),
+            format!(
+                "job {key} in the dead-letter stream {}",
+                self.nats_config().dead_letter_stream
+            ),
+            found,
+        )
+        .await
+    }
+}
+
+impl Cluster {
+    /// The shared consumer's state: what is pending, unacked, redelivered.
+    pub async fn consumer_info(&self) -> jetstream::consumer::Info {
+        let nats = self.nats_config();
+        let read = async {
+            let stream = self.js.get_stream(&nats.stream).await?;
+            let mut consumer: jetstream::consumer::PullConsumer = stream
+                .get_consumer(&nats.consumer)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            anyhow::Ok(consumer.info().await?.clone())
+        };
+        match self
+            .within(Duration::from_secs(20), "the consumer's info", read)
+            .await
+        {
+            Ok(info) => info,
+            Err(error) => self.fail(format!(
+                "cannot read the consumer {}: {error}",
+                nats.consumer
+            )),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! `framehost serve`, run as an operator runs it: a binary, a config file, a host name.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use framehost::config::Config;
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+use crate::artifacts;
+use crate::nats_server::tail;
+
+/// A running `framehost serve`. Its config and log live in a temporary directory; dropping
+/// it kills the process.
+pub struct HostProcess {
+    name: String,
+    child: Child,
+    dir: TempDir,
+}
+
+impl HostProcess {
+    /// Writes `config` as TOML and starts `framehost serve --config FILE` with
+    /// `HOSTNAME=name`, so that its status messages say which host ran a job. Output goes to
+    /// a log file (see [`HostProcess::log_tail`]).
+    pub fn start(name: &str, config: &Config) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("framehost-host-{name}-"))
+            .tempdir()
+            .context("cannot create the host's directory")?;
+        let config_path = dir.path().join("framehost.toml");
+        let toml = toml::to_string(config).context("cannot write the config as TOML")?;
+        std::fs::write(&config_path, toml)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+
+        let log = std::fs::File::create(dir.path().join("host.log"))
+            .context("cannot create the host's log")?;
+        let child = Command::new(artifacts::framehost_bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .env("HOSTNAME", name)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
+            .env_remove("FRAMEHOST_NATS_URL")
+            .env_remove("FRAMEHOST_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot run framehost serve")?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            dir,
+        })
+    }
+
+    /// The host name it reports in status messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("framehost.toml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("host.log")
+    }
+
+    /// The whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log_path(), lines)
+    }
+
+    /// Waits until the host has loaded its plugins and pulls jobs (it logs "Serving jobs"),
+    /// or fails if it exits first or takes longer than `limit`.
+    pub async fn wait_serving(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            if self.log().contains("Serving jobs") {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "host {} exited before serving ({status}); its log:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                );
+            }
+            if started.elapsed() > limit {
+                bail!(
+                    "host {} did not start serving within {limit:?}; its log:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills it at once (SIGKILL), as an OOM kill or a node failure would, and reaps it.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().ok();
+        self.child.wait().await.ok();
+    }
+
+    /// Asks it to shut down gracefully (SIGTERM), as Kubernetes does.
+    pub fn terminate(&self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) with a pid this struct owns (not yet reaped, so not reused) and
+            // a valid signal number has no memory effects.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+    }
+
+    /// Waits for it to exit.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// The directory holding its config and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
