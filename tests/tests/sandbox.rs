@@ -1,0 +1,315 @@
+//! The sandbox, through the library's job path: misbehaving plugins fail their own job and
+//! never the job running beside them on the same engine, as in the host.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use framehost::config::{Config, JobTypeConfig, TrapPolicy};
+use framehost::job::{self, FailureKind, JobError, JobReport, JobSettings, JobSpec};
+use framehost::sandbox::{LoadError, Plugin, Sandbox, SandboxConfig};
+use framehost::source::SourceSpec;
+use framehost_tests::{artifacts, captures, within};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Frames in the shared capture: more than `leak` needs to pass a 32 MiB limit at 1 MiB a
+/// frame.
+const FRAMES: u64 = 48;
+const JOB: Duration = Duration::from_secs(120);
+
+/// One engine for every test in this binary, as one host has one for all its jobs, with
+/// the plugins compiled once (compiling is slow in a debug build).
+struct Engine {
+    sandbox: Sandbox,
+    tracker: Plugin,
+    misbehave: Plugin,
+}
+
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let sandbox = Sandbox::new(SandboxConfig {
+            max_instances: 32,
+            ..Default::default()
+        })
+        .expect("the sandbox starts");
+        let load = |path: PathBuf| {
+            sandbox
+                .load_file(&path)
+                .unwrap_or_else(|e| panic!("cannot load {}: {e}", path.display()))
+        };
+        Engine {
+            tracker: load(artifacts::tracker()),
+            misbehave: load(artifacts::misbehave()),
+            sandbox,
+        }
+    })
+}
+
+fn capture() -> PathBuf {
+    captures::shared(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "sandbox-48-frames",
+        &captures::options(FRAMES as u32, 4, 2, 10.0),
+    )
+}
+
+fn spec(id: &str, config: serde_json::Value) -> JobSpec {
+    JobSpec {
+        id: id.to_owned(),
+        job_type: "test".into(),
+        source: SourceSpec::Capture {
+            path: capture(),
+            realtime: false,
+        },
+        config,
+    }
+}
+
+/// Runs a job on its own task, as the host does, draining its events.
+fn spawn_job(
+    spec: JobSpec,
+    plugin: &Plugin,
+    job_type: JobTypeConfig,
+) -> tokio::task::JoinHandle<Result<JobReport, JobError>> {
+    let plugin = plugin.clone();
+    let settings = JobSettings::new(&Config::default(), &job_type);
+    tokio::spawn(async move {
+        let (events, mut received) = mpsc::channel(16);
+        let drain = tokio::spawn(async move { while received.recv().await.is_some() {} });
+        let outcome = job::run(&spec, &plugin, &settings, events, CancellationToken::new()).await;
+        drain.await.ok();
+        outcome
+    })
+}
+
+fn misbehave_type(configure: impl FnOnce(&mut JobTypeConfig)) -> JobTypeConfig {
+    let mut job_type = JobTypeConfig::new(artifacts::misbehave());
+    configure(&mut job_type);
+    job_type
+}
+
+/// Runs a misbehaving job next to a tracker job on the shared engine; checks that the
+/// tracker job processed every frame and returns the misbehaving job's error.
+async fn fails_beside_a_good_job(mode: serde_json::Value, job_type: JobTypeConfig) -> JobError {
+    let engine = engine();
+    let good = spawn_job(
+        spec("good", serde_json::json!({})),
+        &engine.tracker,
+        JobTypeConfig::new(artifacts::tracker()),
+    );
+    let bad = spawn_job(spec("bad", mode.clone()), &engine.misbehave, job_type);
+    let (good, bad) = within(JOB, "both jobs to end", String::new, async {
+        (
+            good.await.expect("good job task"),
+            bad.await.expect("bad job task"),
+        )
+    })
+    .await;
+
+    let report = good.unwrap_or_else(|e| panic!("the good job failed beside {mode}: {e}"));
+    assert!(
+        report.frames_in == FRAMES
+            && report.frames_processed == FRAMES
+            && report.frames_dropped == 0
+            && report.frames_rejected.is_empty(),
+        "the good job beside {mode} did not process every frame: {report:?}"
+    );
+    match bad {
+        Ok(report) => panic!("the {mode} job succeeded: {report:?}"),
+        Err(error) => {
+            assert_eq!(error.kind, FailureKind::Permanent, "{error}");
+            assert!(error.report.is_some(), "a failed job reports what it did");
+            error
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leak_hits_the_memory_limit() {
+    let error = fails_beside_a_good_job(
+        serde_json::json!({"mode": "leak"}),
+        misbehave_type(|t| t.memory_mib = 32),
+    )
+    .await;
+    assert_eq!(error.reason, "plugin_out_of_memory", "{error}");
+    assert!(
+        error.message.contains(&(32u64 << 20).to_string()),
+        "the error should name the 32 MiB limit: {error}"
+    );
+    let report = error.report.expect("report");
+    assert!(
+        report.plugin_memory_peak_bytes <= 32 << 20 && report.frames_processed > 20,
+        "the plugin should have grown to near the limit and no further: {report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spin_hits_the_call_deadline() {
+    let error = fails_beside_a_good_job(
+        serde_json::json!({"mode": "spin"}),
+        misbehave_type(|t| t.call_deadline_ms = 300),
+    )
+    .await;
+    assert_eq!(error.reason, "plugin_deadline", "{error}");
+    assert!(error.message.contains("300ms"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panic_fails_with_the_panic_message() {
+    let error = fails_beside_a_good_job(
+        serde_json::json!({"mode": "panic", "after": 5}),
+        misbehave_type(|_| {}),
+    )
+    .await;
+    assert_eq!(error.reason, "plugin_panic", "{error}");
+    // The plugin's own words, from its stderr.
+    assert!(
+        error
+            .message
+            .contains("misbehave: panicking at frame 5, as configured"),
+        "{error}"
+    );
+    assert_eq!(error.report.expect("report").frames_processed, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stack_overflow_traps() {
+    let error =
+        fails_beside_a_good_job(serde_json::json!({"mode": "stack"}), misbehave_type(|_| {})).await;
+    assert!(
+        matches!(error.reason, "plugin_trap" | "plugin_stack_overflow"),
+        "{error}"
+    );
+    assert!(error.message.contains("stack"), "{error}");
+}
+
+/// With `on_trap = restart`, each trap costs one frame and one restart; a fresh instance
+/// starts over (its `after` count too). Past `max_restarts`, the next trap fails the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_are_counted_and_bounded() {
+    let engine = engine();
+    let restart_twice = || {
+        misbehave_type(|t| {
+            t.on_trap = TrapPolicy::Restart;
+            t.max_restarts = 2;
+        })
+    };
+
+    // Panics at the 21st frame of each instance: frames 20 and 41 are lost, two restarts,
+    // and the third instance reaches the end of the capture (6 frames later).
+    let within_budget = spawn_job(
+        spec(
+            "restart-ok",
+            serde_json::json!({"mode": "panic", "after": 20}),
+        ),
+        &engine.misbehave,
+        restart_twice(),
+    );
+    // Panics at the 3rd frame of each instance: frames 2, 5 and 8 trap; the third trap is
+    // one past the budget.
+    let over_budget = spawn_job(
+        spec(
+            "restart-over",
+            serde_json::json!({"mode": "panic", "after": 2}),
+        ),
+        &engine.misbehave,
+        restart_twice(),
+    );
+    let (within_budget, over_budget) = within(JOB, "both jobs to end", String::new, async {
+        (within_budget.await.unwrap(), over_budget.await.unwrap())
+    })
+    .await;
+
+    let report = within_budget.unwrap_or_else(|e| panic!("job within its restarts failed: {e}"));
+    assert_eq!(report.plugin_restarts, 2, "{report:?}");
+    assert_eq!(report.frames_processed, FRAMES - 2, "{report:?}");
+    assert_eq!(
+        report.frames_rejected.get("plugin_panic"),
+        Some(&2),
+        "{report:?}"
+    );
+    // The summary comes from the last instance: it saw only the frames after frame 41.
+    assert_eq!(report.summary["frames"], FRAMES - 42, "{report:?}");
+
+    let error = match over_budget {
+        Ok(report) => panic!("job past its restarts succeeded: {report:?}"),
+        Err(error) => error,
+    };
+    assert_eq!(error.reason, "plugin_panic", "{error}");
+    assert!(error.message.starts_with("frame 8:"), "{error}");
+    let report = error.report.expect("report");
+    assert_eq!(report.plugin_restarts, 2, "{report:?}");
+    assert_eq!(report.frames_processed, 6, "{report:?}");
+    assert_eq!(
+        report.frames_rejected.get("plugin_panic"),
+        Some(&2),
+        "{report:?}"
+    );
+}
+
+/// An error value rejects the frame, counted under `plugin_error`; the job goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_values_reject_frames_and_the_job_finishes() {
+    let engine = engine();
+    let job = spawn_job(
+        spec("errors", serde_json::json!({"mode": "error", "after": 3})),
+        &engine.misbehave,
+        misbehave_type(|_| {}),
+    );
+    let outcome = within(JOB, "the job to end", String::new, job)
+        .await
+        .unwrap();
+    let report = outcome.unwrap_or_else(|e| panic!("the job failed: {e}"));
+    assert_eq!(report.frames_processed, 3, "{report:?}");
+    assert_eq!(
+        report.frames_rejected.get("plugin_error"),
+        Some(&(FRAMES - 3)),
+        "{report:?}"
+    );
+    assert_eq!(report.plugin_restarts, 0, "{report:?}");
+    assert_eq!(report.summary["frames"], FRAMES, "{report:?}");
+}
+
+/// What is not a frame-processor component is refused when loaded, with the reason.
+#[test]
+fn non_components_are_refused() {
+    let sandbox = &engine().sandbox;
+
+    let junk: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let error = sandbox.load("junk", &junk).err().expect("junk is refused");
+    assert!(matches!(error, LoadError::Compile(_)), "{error}");
+    assert!(
+        error.to_string().contains("not a WebAssembly component"),
+        "{error}"
+    );
+
+    // A valid core module (magic, version 1): WebAssembly, but not a component.
+    let core_module = b"\0asm\x01\0\0\0";
+    let error = sandbox
+        .load("core", core_module)
+        .err()
+        .expect("a core module is refused");
+    assert!(matches!(error, LoadError::Compile(_)), "{error}");
+    assert!(
+        error.to_string().contains("not a WebAssembly component"),
+        "{error}"
+    );
+
+    // A valid, empty component: it exports nothing of the frame-processor world.
+    let empty_component = b"\0asm\x0d\0\x01\0";
+    let error = sandbox
+        .load("empty", empty_component)
+        .err()
+        .expect("an empty component is refused");
+    assert!(matches!(error, LoadError::World(_)), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("does not fit the frame-processor world"),
+        "{error}"
+    );
+}
