@@ -26,15 +26,14 @@ fn capture_30() -> PathBuf {
 async fn replay(args: &[&std::ffi::OsStr]) -> Output {
     let mut command = tokio::process::Command::new(artifacts::framehost_bin());
     command.arg("replay").args(args).env("NO_COLOR", "1");
-    let output = within(
+    within(
         COMMAND,
         format!("framehost replay {args:?}"),
         String::new,
         command.output(),
     )
     .await
-    .expect("framehost runs");
-    output
+    .expect("framehost runs")
 }
 
 fn text(bytes: &[u8]) -> String {
