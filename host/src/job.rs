@@ -2,9 +2,13 @@
 //!
 //! Two tasks run a job. The *path* task, on a blocking thread, reads the source and runs the
 //! sans-IO stages ([`Path`]): each packet goes through data-stream reassembly, completed
-//! streams through part assembly, whole messages through decode, and frames into the bounded
-//! [`FrameQueue`]. The *plugin* task takes frames from the queue, calls the job's plugin
-//! instance and forwards what it emits. Every rejection on the way is counted by reason in the
+//! streams through part assembly, and whole messages into the bounded [`FrameQueue`]. The
+//! *plugin* task takes messages from the queue, decodes them into frames, calls the job's
+//! plugin instance and forwards what it emits.
+//!
+//! Decode runs on the plugin's side of the queue, not the path's: the two tasks then split
+//! the work about evenly between two cores, and a message evicted from a full queue (the
+//! plugin is behind) is never decoded at all. Every rejection on the way is counted by reason in the
 //! job's [`JobCounters`]; none of them stops the job. A plugin trap follows the job type's
 //! [`TrapPolicy`].
 //!
@@ -23,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::assembly::{Assembler, AssemblyEvent, AssemblyLimits};
 use crate::capture::CaptureReader;
 use crate::config::{Config, JobTypeConfig, TrapPolicy};
-use crate::decode::{self, DecodeLimits, Frame};
+use crate::decode::{self, DecodeError, DecodeLimits, Frame};
 use crate::queue::FrameQueue;
 use crate::sandbox::{CallError, JobInfo, Plugin, PluginLimits, PluginResult, Processor};
 use crate::source::{self, Pacing, PacketSink, SourceSpec};
@@ -213,7 +217,7 @@ pub async fn run(
 ) -> Result<JobReport, JobError> {
     let started = Instant::now();
     let counters = Arc::new(JobCounters::default());
-    let queue = Arc::new(FrameQueue::<Frame>::new(settings.queue_depth));
+    let queue = Arc::new(FrameQueue::<Assembled>::new(settings.queue_depth));
     let info = JobInfo {
         job_id: spec.id.clone(),
         job_type: spec.job_type.clone(),
@@ -359,7 +363,7 @@ impl PluginSide<'_> {
     /// failure that ended the job.
     async fn run(
         &mut self,
-        queue: &FrameQueue<Frame>,
+        queue: &FrameQueue<Assembled>,
         stop: &CancellationToken,
         started: Instant,
         template: &JobReport,
@@ -367,7 +371,7 @@ impl PluginSide<'_> {
         let mut progress = tokio::time::interval(self.settings.progress_interval);
         progress.tick().await;
         loop {
-            let frame = tokio::select! {
+            let message = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = progress.tick() => {
@@ -378,12 +382,24 @@ impl PluginSide<'_> {
                     let _ = self.events.try_send(JobEvent::Progress(Box::new(report)));
                     continue;
                 }
-                frame = queue.pop() => match frame {
-                    Some(frame) => frame,
+                message = queue.pop() => match message {
+                    Some(message) => message,
                     None => break,
                 },
             };
-            let index = frame.index;
+            let index = message.index;
+            let frame = match message.decode(&self.settings.decode) {
+                Ok(frame) => frame,
+                Err(error) => {
+                    let detail = format!(
+                        "message {} from {}: {error}",
+                        message.message_id, message.sender
+                    );
+                    self.counters.reject(self.job_id, error.reason(), &detail);
+                    continue;
+                }
+            };
+            JobCounters::add(&self.counters.image_bytes, frame.image_bytes() as u64);
             match self.processor.process(frame).await {
                 Ok(()) => JobCounters::add(&self.counters.frames_processed, 1),
                 Err(CallError::Returned(message)) => {
@@ -444,7 +460,7 @@ async fn forward_results(
 fn feed(
     source: &SourceSpec,
     mut path: Path,
-    queue: &FrameQueue<Frame>,
+    queue: &FrameQueue<Assembled>,
     stop: &CancellationToken,
     runtime: &tokio::runtime::Handle,
 ) -> Result<(), JobError> {
@@ -474,9 +490,9 @@ fn feed(
                 });
             // What is still open when the capture ends will never complete.
             if let Ok(end) = &end {
-                let mut frames = Vec::new();
-                path.finish(*end, &mut frames);
-                sink_frames(&path, frames, queue, runtime, !*realtime, stop);
+                let mut messages = Vec::new();
+                path.finish(*end, &mut messages);
+                sink_messages(&path, messages, queue, runtime, !*realtime, stop);
             }
             end.map(drop)
         }
@@ -486,7 +502,7 @@ fn feed(
 /// Pushes packets through the path and its frames into the queue.
 struct QueueSink<'a> {
     path: &'a mut Path,
-    queue: &'a FrameQueue<Frame>,
+    queue: &'a FrameQueue<Assembled>,
     stop: &'a CancellationToken,
     runtime: &'a tokio::runtime::Handle,
     /// Wait for room in the queue (a file) instead of dropping the oldest frame (live).
@@ -498,11 +514,11 @@ impl PacketSink for QueueSink<'_> {
         if self.stop.is_cancelled() {
             return false;
         }
-        let mut frames = Vec::new();
-        self.path.packet(packet, now, &mut frames);
-        sink_frames(
+        let mut messages = Vec::new();
+        self.path.packet(packet, now, &mut messages);
+        sink_messages(
             self.path,
-            frames,
+            messages,
             self.queue,
             self.runtime,
             self.lossless,
@@ -512,26 +528,26 @@ impl PacketSink for QueueSink<'_> {
     }
 }
 
-fn sink_frames(
+fn sink_messages(
     path: &Path,
-    frames: Vec<Frame>,
-    queue: &FrameQueue<Frame>,
+    messages: Vec<Assembled>,
+    queue: &FrameQueue<Assembled>,
     runtime: &tokio::runtime::Handle,
     lossless: bool,
     stop: &CancellationToken,
 ) {
-    for frame in frames {
+    for message in messages {
         if lossless {
             let pushed = runtime.block_on(async {
                 tokio::select! {
-                    pushed = queue.push_wait(frame) => pushed.is_ok(),
+                    pushed = queue.push_wait(message) => pushed.is_ok(),
                     _ = stop.cancelled() => false,
                 }
             });
             if !pushed {
                 return;
             }
-        } else if queue.push(frame).is_some() {
+        } else if queue.push(message).is_some() {
             JobCounters::add(&path.counters.frames_dropped, 1);
             path.counters.warn(
                 &path.job_id,
@@ -542,12 +558,30 @@ fn sink_frames(
     }
 }
 
-/// The sans-IO part of the frame path: packets in, frames out.
+/// A whole message out of assembly, numbered, waiting to be decoded into a frame.
+#[derive(Debug)]
+pub struct Assembled {
+    /// The frame's index: messages are numbered as they complete, so a message dropped
+    /// later (queue full, bad JSON) leaves a gap the plugin can see.
+    pub index: u64,
+    pub message_id: String,
+    pub sender: String,
+    /// Milliseconds from the job's start to the message's first part.
+    pub received_ms: u64,
+    pub text: String,
+}
+
+impl Assembled {
+    pub fn decode(&self, limits: &DecodeLimits) -> Result<Frame, DecodeError> {
+        decode::decode(&self.text, self.index, self.received_ms, limits)
+    }
+}
+
+/// The sans-IO part of the frame path: packets in, whole messages out.
 pub struct Path {
     job_id: String,
     streams: DataStreams,
     assembler: Assembler,
-    decode: DecodeLimits,
     counters: Arc<JobCounters>,
     started: Instant,
     next_index: u64,
@@ -566,7 +600,6 @@ impl Path {
             job_id,
             streams: DataStreams::new(settings.streams.clone()),
             assembler: Assembler::new(settings.assembly.clone()),
-            decode: settings.decode.clone(),
             counters,
             started,
             next_index: 0,
@@ -575,8 +608,8 @@ impl Path {
         }
     }
 
-    /// Runs one packet through the stages; frames it completes are appended to `frames`.
-    pub fn packet(&mut self, packet: DataPacket, now: Instant, frames: &mut Vec<Frame>) {
+    /// Runs one packet through the stages; messages it completes are appended to `out`.
+    pub fn packet(&mut self, packet: DataPacket, now: Instant, out: &mut Vec<Assembled>) {
         JobCounters::add(&self.counters.packets_in, 1);
         if self.streams.next_deadline().is_some_and(|d| d <= now) {
             self.streams.expire(now, &mut self.stream_events);
@@ -585,19 +618,19 @@ impl Path {
             self.assembler.expire(now, &mut self.assembly_events);
         }
         self.streams.push(packet, now, &mut self.stream_events);
-        self.drain(now, frames);
+        self.drain(now, out);
     }
 
     /// Expires everything still open: the source has ended.
-    pub fn finish(&mut self, now: Instant, frames: &mut Vec<Frame>) {
+    pub fn finish(&mut self, now: Instant, out: &mut Vec<Assembled>) {
         let forever = now + Duration::from_secs(365 * 24 * 3600);
         self.streams.expire(forever, &mut self.stream_events);
-        self.drain(now, frames);
+        self.drain(now, out);
         self.assembler.expire(forever, &mut self.assembly_events);
-        self.drain(now, frames);
+        self.drain(now, out);
     }
 
-    fn drain(&mut self, now: Instant, frames: &mut Vec<Frame>) {
+    fn drain(&mut self, now: Instant, out: &mut Vec<Assembled>) {
         for event in self.stream_events.drain(..) {
             match event {
                 StreamEvent::Text(stream) => {
@@ -621,25 +654,15 @@ impl Path {
                     let received_ms = message
                         .first_part_at
                         .saturating_duration_since(self.started)
-                        .as_millis() as u64;
-                    match decode::decode(&message.text, self.next_index, received_ms, &self.decode)
-                    {
-                        Ok(frame) => {
-                            self.next_index += 1;
-                            JobCounters::add(
-                                &self.counters.image_bytes,
-                                frame.image_bytes() as u64,
-                            );
-                            frames.push(frame);
-                        }
-                        Err(error) => {
-                            let detail = format!(
-                                "message {} from {}: {error}",
-                                message.message_id, message.sender
-                            );
-                            self.counters.reject(&self.job_id, error.reason(), &detail);
-                        }
-                    }
+                        .as_millis();
+                    out.push(Assembled {
+                        index: self.next_index,
+                        message_id: message.message_id,
+                        sender: message.sender,
+                        received_ms: u64::try_from(received_ms).unwrap_or(u64::MAX),
+                        text: message.text,
+                    });
+                    self.next_index += 1;
                 }
                 AssemblyEvent::Rejected(rejected) => {
                     let detail = format!(

@@ -36,8 +36,8 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-use framehost::plugin::host::LogLevel;
-use framehost::plugin::types as wit;
+use self::framehost::plugin::host::LogLevel;
+use self::framehost::plugin::types as wit;
 
 /// How often the engine's epoch advances; the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -571,7 +571,7 @@ impl ResourceLimiter for PluginState {
     }
 }
 
-impl framehost::plugin::host::Host for PluginState {
+impl self::framehost::plugin::host::Host for PluginState {
     fn log(&mut self, level: LogLevel, message: String) {
         let job_id = &*self.job_id;
         let Some(message) = self.output.lock().expect("output lock").admit(message) else {
@@ -599,7 +599,7 @@ impl framehost::plugin::host::Host for PluginState {
     }
 }
 
-impl framehost::plugin::types::Host for PluginState {}
+impl self::framehost::plugin::types::Host for PluginState {}
 
 /// Captured plugin output, shared by its stdout and stderr streams.
 struct OutputState {

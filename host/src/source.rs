@@ -57,7 +57,7 @@ pub enum Pacing {
 /// that starts at `start` and advances by the recorded arrival times, so time-based bounds
 /// (idle timeouts, age limits) behave as they did when the capture was recorded, whatever the
 /// pace. Returns the job clock's time at the end of the capture.
-pub fn read_capture<R: std::io::Read>(
+pub fn read_capture<R: std::io::BufRead>(
     reader: &mut CaptureReader<R>,
     start: Instant,
     pacing: Pacing,

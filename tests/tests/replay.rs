@@ -282,6 +282,9 @@ fn frames_of(capture: &Path) -> Vec<Frame> {
     }
     path.finish(end, &mut frames);
     frames
+        .iter()
+        .map(|message| message.decode(&settings.decode).expect("frame decodes"))
+        .collect()
 }
 
 /// Mean RGB and pixel count of the pixels whose centres lie in a normalized box.

@@ -22,7 +22,7 @@
 pub mod synth;
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -141,7 +141,7 @@ impl<W: Write> CaptureWriter<W> {
 }
 
 /// Reads a capture, one record at a time; holds one packet's bytes at most.
-pub struct CaptureReader<R: Read> {
+pub struct CaptureReader<R: BufRead> {
     input: R,
     meta: CaptureMeta,
     buffer: Vec<u8>,
@@ -154,7 +154,7 @@ impl CaptureReader<BufReader<File>> {
     }
 }
 
-impl<R: Read> CaptureReader<R> {
+impl<R: BufRead> CaptureReader<R> {
     pub fn new(mut input: R) -> Result<Self, CaptureError> {
         let mut magic = [0u8; 8];
         input
@@ -185,6 +185,29 @@ impl<R: Read> CaptureReader<R> {
     /// The next record, `None` at a clean end of file.
     pub fn next_record(&mut self) -> Result<Option<Record>, CaptureError> {
         let index = self.index;
+
+        // Most records lie whole in the reader's buffer: decode them in place rather than
+        // copying them out first.
+        let buffered = self.input.fill_buf()?;
+        if buffered.len() >= 12 {
+            let len = u32::from_le_bytes(buffered[8..12].try_into().expect("4 bytes"));
+            if len > MAX_PACKET_BYTES {
+                return Err(CaptureError::RecordTooLarge { index, len });
+            }
+            let end = 12 + len as usize;
+            if buffered.len() >= end {
+                let at = u64::from_le_bytes(buffered[..8].try_into().expect("8 bytes"));
+                let packet = DataPacket::decode(&buffered[12..end])
+                    .map_err(|source| CaptureError::BadPacket { index, source })?;
+                self.input.consume(end);
+                self.index += 1;
+                return Ok(Some(Record {
+                    at: Duration::from_micros(at),
+                    packet,
+                }));
+            }
+        }
+
         let mut at = [0u8; 8];
         match read_full(&mut self.input, &mut at)? {
             0 => return Ok(None),
@@ -209,7 +232,7 @@ impl<R: Read> CaptureReader<R> {
     }
 }
 
-impl<R: Read> Iterator for CaptureReader<R> {
+impl<R: BufRead> Iterator for CaptureReader<R> {
     type Item = Result<Record, CaptureError>;
 
     fn next(&mut self) -> Option<Self::Item> {
