@@ -12,12 +12,11 @@
 //! advertises it, and the compressed form is smaller than the text; `total_length` is always
 //! the uncompressed length.
 //!
-//! This is a re-implementation rather than a call into `livekit_data_stream`'s outgoing
-//! manager: `send_text` needs a `&dyn livekit_common::RemoteParticipantRegistry`, and
-//! `livekit-common` is not a dependency of this crate (nor re-exported by
-//! `livekit-data-stream`), so the trait cannot be implemented here. The output matches the
-//! official manager's packet for packet, byte for byte, given the same stream id and
-//! timestamp.
+//! This builds the packets itself rather than calling the official outgoing manager, which
+//! is asynchronous, answers through a transport channel and stamps headers with the clock:
+//! synthetic captures and test generators want a plain call with a chosen stream id and
+//! timestamp. `host/tests/official_sender.rs` checks the output against the official
+//! manager's, packet for packet and byte for byte.
 
 use std::collections::HashMap;
 use std::io::Write;
