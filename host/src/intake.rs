@@ -10,7 +10,8 @@
 //! maybe elsewhere); a permanent failure, or a transient one on the last allowed delivery,
 //! copies the job to the dead-letter stream with the reason in its headers and terminates it.
 //! A host that dies mid-job stops sending in-progress acks, and JetStream redelivers the job
-//! after `ack_wait`.
+//! after `ack_wait`; a job that took every host down with it until `max_deliver` is
+//! dead-lettered from JetStream's max-deliveries advisory.
 //!
 //! Status messages (JSON [`JobStatus`]) go to `<prefix>.status.<job id>`; each plugin result to
 //! `<prefix>.results.<job id>` with its content type and frame index in headers. A message on
@@ -179,6 +180,12 @@ pub async fn serve(
         _ = shutdown.cancelled() => return Ok(()),
     };
     let host = hostname();
+    // Subscribed before the first pull, so that no job given up on while this host runs is
+    // missed.
+    let given_up = tokio::select! {
+        watcher = watch_max_deliveries(client.clone(), js.clone(), config.clone()) => watcher?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     tracing::info!(
         host = %host,
         stream = %config.nats.stream,
@@ -245,8 +252,139 @@ pub async fn serve(
         stop_jobs.cancel();
         while running.join_next().await.is_some() {}
     }
+    given_up.abort();
     client.flush().await.ok();
     Ok(())
+}
+
+/// What JetStream says when a consumer gives up on a message after `max_deliver` tries.
+#[derive(Deserialize)]
+struct MaxDeliveriesAdvisory {
+    stream_seq: u64,
+    deliveries: i64,
+}
+
+/// Dead-letters the jobs JetStream gave up on without any host settling them: a job whose
+/// every delivery ended with its host dying (killed, out of memory) reaches `max_deliver`
+/// with no host seeing a last delivery, and would otherwise sit in the work queue for good.
+///
+/// JetStream announces it with an advisory on a plain subject, which may fire while no host
+/// is up; a small work-queue stream (`<nats.stream>_GIVEN_UP`) keeps the advisories until a
+/// host takes one through a shared durable consumer. The dead-letter copy is also
+/// de-duplicated by a message id made of the stream sequence, and deleting a job twice is
+/// harmless.
+async fn watch_max_deliveries(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    config: Arc<Config>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let nats = &config.nats;
+    let advisories_name = format!("{}_GIVEN_UP", nats.stream);
+    let advisories = js
+        .get_or_create_stream(stream::Config {
+            name: advisories_name.clone(),
+            subjects: vec![format!(
+                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
+                nats.stream, nats.consumer
+            )],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(14 * 24 * 3600),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("cannot create or open the stream {advisories_name}"))?;
+    let consumer: consumer::PullConsumer = advisories
+        .get_or_create_consumer(
+            "framehost-given-up",
+            consumer::pull::Config {
+                durable_name: Some("framehost-given-up".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ..Default::default()
+            },
+        )
+        .await
+        .context("cannot create or open the advisories consumer")?;
+    let mut advisories = consumer
+        .messages()
+        .await
+        .context("cannot pull JetStream advisories")?;
+    let jobs = js
+        .get_stream(&nats.stream)
+        .await
+        .with_context(|| format!("cannot open the jobs stream {}", nats.stream))?;
+    let host = hostname();
+    Ok(tokio::spawn(async move {
+        let nats = &config.nats;
+        while let Some(message) = advisories.next().await {
+            let Ok(message) = message else {
+                // The pull resumes by itself after a reconnect.
+                continue;
+            };
+            let Ok(advisory) = serde_json::from_slice::<MaxDeliveriesAdvisory>(&message.payload)
+            else {
+                message.ack().await.ok();
+                continue;
+            };
+            let seq = advisory.stream_seq;
+            let job = match jobs.get_raw_message(seq).await {
+                Ok(job) => job,
+                // Already handled, or the job was settled after all.
+                Err(_) => {
+                    message.ack().await.ok();
+                    continue;
+                }
+            };
+            let job_id = JobSpec::parse(&job.payload).ok().map(|spec| spec.id);
+            let key = job_id.clone().unwrap_or_else(|| format!("seq-{seq}"));
+            let error = format!(
+                "no host finished the job in {} deliveries (each host running it died or lost its connection)",
+                advisory.deliveries
+            );
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("max-deliveries-{seq}").as_str());
+            headers.insert(REASON_HEADER, "max_deliveries");
+            headers.insert(ERROR_HEADER, error.as_str());
+            headers.insert(DELIVERIES_HEADER, advisory.deliveries.to_string().as_str());
+            let subject = format!("{}.{key}", nats.dead_letter_subject());
+            let kept = match js
+                .publish_with_headers(subject, headers, job.payload.clone())
+                .await
+            {
+                Ok(ack) => ack.await.is_ok(),
+                Err(_) => false,
+            };
+            if !kept {
+                tracing::error!(
+                    stream_seq = seq,
+                    "Cannot dead-letter a job JetStream gave up on; retrying"
+                );
+                let delay = Duration::from_secs(nats.nak_delay_secs);
+                message.ack_with(AckKind::Nak(Some(delay))).await.ok();
+                continue;
+            }
+            jobs.delete_message(seq).await.ok();
+            message.ack().await.ok();
+            tracing::error!(job_id = %key, deliveries = advisory.deliveries, "Job given up on by JetStream; dead-lettered");
+            if let Some(job_id) = job_id {
+                let status = JobStatus {
+                    job_id,
+                    state: JobState::Failed,
+                    host: host.clone(),
+                    delivery: advisory.deliveries,
+                    reason: Some("max_deliveries".into()),
+                    error: Some(error),
+                    kind: Some(FailureKind::Permanent),
+                    report: None,
+                };
+                let body = serde_json::to_vec(&status).expect("status serializes");
+                client
+                    .publish(nats.status_subject(&status.job_id), body.into())
+                    .await
+                    .ok();
+            }
+        }
+    }))
 }
 
 async fn next_job(consumer: &consumer::PullConsumer) -> anyhow::Result<Option<jetstream::Message>> {

@@ -169,6 +169,72 @@ async fn failing_job_is_dead_lettered_and_not_redelivered() {
     );
 }
 
+/// A job whose every delivery dies with its host reaches `max_deliver` without any host
+/// seeing a last delivery. JetStream's advisory makes a surviving host dead-letter it with
+/// reason `max_deliveries` and take it out of the queue, instead of it sitting there unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_that_kills_every_host_is_dead_lettered() {
+    let mut c = Cluster::start().await;
+    c.config.nats.ack_wait_secs = 3;
+    c.config.nats.max_deliver = 2;
+    c.serve_job_type("track", artifacts::tracker());
+    let capture = c.capture("paced", &captures::options(60, 8, 2, 10.0));
+    let spec = c.job("job-deadly", "track", &capture, true);
+    let mut watch = c.watch(&spec.id).await;
+
+    let first = c.start_host("host-a").await;
+    c.submit(&spec).await;
+    for (host, name) in [(first, "host-a"), (usize::MAX, "host-b")] {
+        let host = if host == usize::MAX {
+            c.start_host(name).await
+        } else {
+            host
+        };
+        let started = c
+            .within(
+                JOB,
+                format!("Started on {name}"),
+                watch.until(JobState::Started),
+            )
+            .await
+            .unwrap_or_else(|| c.fail("status subscription ended"));
+        c.check(
+            started.host == name,
+            format!("expected Started on {name}, got {started:?}"),
+        );
+        c.host(host).kill9().await;
+    }
+
+    // A host that never ran the job hears that JetStream gave up on it.
+    c.start_host("host-c").await;
+    let last = c
+        .within(JOB, "Failed (max_deliveries)", watch.until_final())
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.check(
+        last.state == JobState::Failed
+            && last.reason.as_deref() == Some("max_deliveries")
+            && last.kind == Some(FailureKind::Permanent),
+        format!("expected Failed, permanent, max_deliveries; got {last:?}"),
+    );
+    let dead = c.wait_dead_letter(&spec.id).await;
+    let reason = dead
+        .headers
+        .get(REASON_HEADER)
+        .map(|v| v.as_str().to_owned());
+    c.check(
+        reason.as_deref() == Some("max_deliveries"),
+        format!("expected {REASON_HEADER}: max_deliveries on the dead letter, got {reason:?}"),
+    );
+    let kept: JobSpec = serde_json::from_slice(&dead.payload).expect("the job as submitted");
+    c.check(
+        kept == spec,
+        format!("dead letter holds {kept:?}, not the job"),
+    );
+    c.wait_queue_empty("the job given up on leaves the queue")
+        .await;
+}
+
 /// A host killed mid-job (SIGKILL) stops sending in-progress acks; after `ack_wait` the job
 /// is redelivered to a second host, which runs it to the end. It finishes exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
