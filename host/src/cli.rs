@@ -153,9 +153,11 @@ struct SynthArgs {
 
 #[derive(Subcommand)]
 enum JobCommand {
-    /// Publish a job; with --wait, follow its status until it ends (exit 0 if it finished).
+    /// Publish a job; with --wait, follow its status until it ends (exit 0 if it finished or
+    /// was stopped on request).
     Submit(SubmitArgs),
-    /// Ask the host running a job to stop it early (it finishes its plugin and is acked).
+    /// Ask the host running a job to stop it early (it finishes its plugin and is acked); exits
+    /// 1 if no host answers that it runs the job.
     Stop {
         /// The job's id.
         id: String,
@@ -334,6 +336,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let mut settings = JobSettings::new(&config, &job_type);
     settings.progress_interval = Duration::from_millis(200);
 
+    let results_on_stdout = args.results.as_deref() == Some(Path::new("-"));
     let mut results_out: Option<Box<dyn Write + Send>> = match &args.results {
         Some(path) if path == Path::new("-") => Some(Box::new(std::io::stdout())),
         Some(path) => Some(Box::new(std::io::BufWriter::new(
@@ -394,12 +397,18 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         bar.finish_and_clear();
     }
 
+    // With the results on stdout, the human summary goes to stderr so stdout stays JSON lines.
+    let mut summary_out: Box<dyn Write> = if results_on_stdout {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout())
+    };
     match outcome {
         Ok(report) => {
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                print_summary(&report);
+                print_summary(&mut *summary_out, &report);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -411,7 +420,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 line["reason"] = error.reason.into();
                 println!("{line}");
             } else if let Some(report) = error.report.as_deref() {
-                print_summary(report);
+                print_summary(&mut *summary_out, report);
             }
             eprintln!("error: job failed ({}): {}", error.reason, error.message);
             Ok(ExitCode::FAILURE)
@@ -451,34 +460,46 @@ fn result_line(frame: u64, content_type: &str, data: &[u8]) -> String {
     line.to_string()
 }
 
-fn print_summary(report: &JobReport) {
+fn print_summary(out: &mut dyn Write, report: &JobReport) {
     let rejected: u64 = report.frames_rejected.values().sum();
-    println!("plugin      {} ({})", report.plugin, report.plugin_digest);
-    println!(
+    let _ = writeln!(
+        out,
+        "plugin      {} ({})",
+        report.plugin, report.plugin_digest
+    );
+    let _ = writeln!(
+        out,
         "frames      {} in, {} processed, {} dropped, {} rejected",
         report.frames_in, report.frames_processed, report.frames_dropped, rejected
     );
     for (reason, count) in &report.frames_rejected {
-        println!("  rejected  {count} {reason}");
+        let _ = writeln!(out, "  rejected  {count} {reason}");
     }
-    println!(
+    let _ = writeln!(
+        out,
         "results     {} ({} dropped)",
         report.results, report.results_dropped
     );
-    println!(
+    let _ = writeln!(
+        out,
         "speed       {:.1} frames/s, {:.1} MiB/s of images, {:.2} s",
         report.frames_per_sec, report.decoded_mib_per_sec, report.elapsed_secs
     );
-    println!(
+    let _ = writeln!(
+        out,
         "memory      plugin peak {:.1} MiB, host peak RSS {:.1} MiB",
         report.plugin_memory_peak_bytes as f64 / (1 << 20) as f64,
         report.peak_rss_bytes as f64 / (1 << 20) as f64
     );
     if report.stopped {
-        println!("stopped     before the end of the capture");
+        let _ = writeln!(out, "stopped     before the end of the capture");
     }
     let summary = serde_json::to_string_pretty(&report.summary).unwrap_or_default();
-    println!("summary     {}", summary.replace('\n', "\n            "));
+    let _ = writeln!(
+        out,
+        "summary     {}",
+        summary.replace('\n', "\n            ")
+    );
 }
 
 fn capture_synth(args: SynthArgs) -> anyhow::Result<ExitCode> {
@@ -532,7 +553,7 @@ fn capture_info(path: &Path) -> anyhow::Result<ExitCode> {
     let (mut records, mut bytes, mut last) = (0u64, 0u64, Duration::ZERO);
     let mut senders = std::collections::BTreeSet::new();
     for record in reader.by_ref() {
-        let record = record?;
+        let record = record.with_context(|| format!("{}", path.display()))?;
         records += 1;
         bytes += prost::Message::encoded_len(&record.packet) as u64;
         last = last.max(record.at);
@@ -606,7 +627,9 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     };
     if !json {
         match (&last.state, &last.report) {
-            (JobState::Finished | JobState::Stopped, Some(report)) => print_summary(report),
+            (JobState::Finished | JobState::Stopped, Some(report)) => {
+                print_summary(&mut std::io::stdout(), report)
+            }
             _ => eprintln!(
                 "job {} {:?}: {} ({})",
                 spec.id,
@@ -626,12 +649,18 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn stop(id: &str, args: NatsArgs) -> anyhow::Result<ExitCode> {
+    JobSpec::validate_id(id)?;
     let nats = nats_config(&args)?;
     let client = intake::connect(&nats, intake::FirstConnect::FailFast).await?;
-    client
-        .publish(nats.control_subject(id), "stop".into())
-        .await?;
-    client.flush().await?;
-    eprintln!("stop requested for job {id}");
-    Ok(ExitCode::SUCCESS)
+    let request = client.request(nats.control_subject(id), "stop".into());
+    match tokio::time::timeout(Duration::from_secs(5), request).await {
+        Ok(Ok(answer)) => {
+            eprintln!("job {id}: {}", String::from_utf8_lossy(&answer.payload));
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => {
+            eprintln!("job {id}: no host is running it (no answer within 5 s)");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

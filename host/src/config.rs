@@ -307,15 +307,12 @@ impl JobTypeConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("invalid config {path}: {source}")]
+    #[error("cannot read config {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("invalid config {path}: {error}")]
     Parse {
         path: String,
-        source: Box<toml::de::Error>,
+        error: Box<toml::de::Error>,
     },
     #[error("invalid config: {0}")]
     Invalid(String),
@@ -324,13 +321,13 @@ pub enum ConfigError {
 impl Config {
     /// Reads a TOML file; plugin paths are resolved against the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.display().to_string(),
-            source: Box::new(source),
+            error: Box::new(source),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for job_type in config.job_types.values_mut() {
@@ -349,6 +346,15 @@ impl Config {
         }
         if self.nats.ack_wait_secs < 3 {
             return invalid("nats.ack_wait_secs must be at least 3".into());
+        }
+        if let Some(slots) = self.sandbox.max_instances
+            && (slots as usize) < self.host.max_jobs
+        {
+            return invalid(format!(
+                "sandbox.max_instances ({slots}) must be at least host.max_jobs ({}): every \
+                 running job holds a plugin instance",
+                self.host.max_jobs
+            ));
         }
         for (name, job_type) in &self.job_types {
             if job_type.memory_mib > self.sandbox.max_memory_mib {

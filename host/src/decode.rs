@@ -120,7 +120,7 @@ pub enum DecodeError {
     )]
     PythonRepr,
     #[error("message is not valid JSON: {0}")]
-    Json(#[source] serde_json::Error),
+    Json(serde_json::Error),
     #[error("imageData is not valid base64 ({len} characters)")]
     Base64 { len: usize },
     #[error("frame has {count} detections, more than the limit of {limit}")]

@@ -473,6 +473,8 @@ impl Runner {
         let watcher = {
             let stop = stop.clone();
             let by_shutdown = by_shutdown.clone();
+            let client = self.client.clone();
+            let host = self.host.clone();
             tokio::spawn(async move {
                 let mut control = control.ok();
                 loop {
@@ -491,6 +493,11 @@ impl Runner {
                             Some(request) if request.payload.trim_ascii() == b"stop" => {
                                 tracing::info!("Stop requested");
                                 stop.cancel();
+                                // `job stop` waits for this answer to know a host has the job.
+                                if let Some(reply) = request.reply {
+                                    let answer = format!("stopping on {host}");
+                                    client.publish(reply, answer.into()).await.ok();
+                                }
                                 return;
                             }
                             Some(_) => {}
@@ -777,11 +784,19 @@ pub async fn submit(
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", spec.id.as_str());
     let body = serde_json::to_vec(spec)?;
-    js.publish_with_headers(config.jobs_subject(&spec.job_type), headers, body.into())
+    let stored = js
+        .publish_with_headers(config.jobs_subject(&spec.job_type), headers, body.into())
         .await
         .context("cannot publish the job")?
         .await
         .context("JetStream did not store the job")?;
+    if stored.duplicate {
+        anyhow::bail!(
+            "a job with id {} was already submitted in the last 2 minutes; JetStream dropped \
+             this one as a duplicate (give it another --id)",
+            spec.id
+        );
+    }
 
     let (Some(wait), Some(statuses)) = (wait, statuses.as_mut()) else {
         return Ok(None);

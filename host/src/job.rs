@@ -63,22 +63,24 @@ impl JobSpec {
         Ok(spec)
     }
 
-    pub fn validate(&self) -> Result<(), JobError> {
-        let valid_id = !self.id.is_empty()
-            && self.id.len() <= 128
-            && self
-                .id
+    /// Job ids are NATS subject tokens: 1 to 128 characters of `A-Z a-z 0-9 - _`.
+    pub fn validate_id(id: &str) -> Result<(), JobError> {
+        let valid = !id.is_empty()
+            && id.len() <= 128
+            && id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !valid_id {
-            return Err(JobError::permanent(
-                "bad_job",
-                format!(
-                    "job id {:?} must be 1-128 characters of A-Z a-z 0-9 - _",
-                    self.id
-                ),
-            ));
+        if valid {
+            return Ok(());
         }
+        Err(JobError::permanent(
+            "bad_job",
+            format!("job id {id:?} must be 1-128 characters of A-Z a-z 0-9 - _"),
+        ))
+    }
+
+    pub fn validate(&self) -> Result<(), JobError> {
+        Self::validate_id(&self.id)?;
         if !self.config.is_object() {
             return Err(JobError::permanent(
                 "bad_job",
@@ -145,6 +147,10 @@ pub struct JobReport {
     /// Rejections at every stage, by reason: streams and parts lost on the way, messages
     /// that failed to decode, frames the plugin refused.
     pub frames_rejected: BTreeMap<String, u64>,
+    /// Packets the data-stream stage passed over, by kind: `other_topic` (stream headers on
+    /// another topic), `not_stream`, `byte_stream`, `unknown_stream`, `duplicate_chunk`,
+    /// `duplicate_header`.
+    pub packets_ignored: BTreeMap<String, u64>,
     pub results: u64,
     pub results_dropped: u64,
     pub plugin_restarts: u32,
@@ -236,13 +242,15 @@ pub async fn run(
         .instantiate(&info, settings.plugin)
         .await
         .map_err(|error| {
-            let kind = match error {
-                CallError::Instantiate(_) => FailureKind::Transient,
-                _ => FailureKind::Permanent,
+            // A full pool or a refused instance may clear up on another host or later; an
+            // `init` that fails or traps will fail again.
+            let (kind, reason) = match error {
+                CallError::Instantiate(_) => (FailureKind::Transient, error.reason()),
+                _ => (FailureKind::Permanent, "plugin_init"),
             };
             JobError {
                 kind,
-                reason: "plugin_init",
+                reason,
                 message: error.to_string(),
                 report: None,
             }
@@ -332,6 +340,7 @@ fn fill_report(
     report.frames_processed = get(&counters.frames_processed);
     report.frames_dropped = get(&counters.frames_dropped);
     report.frames_rejected = counters.rejected();
+    report.packets_ignored = counters.ignored();
     report.results = get(&counters.results);
     report.results_dropped = results_dropped;
     report.plugin_restarts = restarts;
@@ -419,6 +428,7 @@ impl PluginSide<'_> {
             && self.restarts < self.settings.max_restarts;
         if !may_restart {
             tracing::error!(job_id = self.job_id, frame = index, reason, error = %trap, "Plugin failed; failing the job");
+            self.counters.reject(self.job_id, reason, &trap);
             return Err(JobError::permanent(
                 reason,
                 format!("frame {index}: {trap}"),
@@ -494,6 +504,7 @@ fn feed(
                 path.finish(*end, &mut messages);
                 sink_messages(&path, messages, queue, runtime, !*realtime, stop);
             }
+            path.record_ignored();
             end.map(drop)
         }
     }
@@ -536,7 +547,8 @@ fn sink_messages(
     lossless: bool,
     stop: &CancellationToken,
 ) {
-    for message in messages {
+    let mut messages = messages.into_iter();
+    while let Some(message) = messages.next() {
         if lossless {
             let pushed = runtime.block_on(async {
                 tokio::select! {
@@ -545,6 +557,9 @@ fn sink_messages(
                 }
             });
             if !pushed {
+                // The job is ending: this message and the rest never reach the plugin.
+                let lost = 1 + messages.len() as u64;
+                JobCounters::add(&path.counters.frames_dropped, lost);
                 return;
             }
         } else if queue.push(message).is_some() {
@@ -552,7 +567,7 @@ fn sink_messages(
             path.counters.warn(
                 &path.job_id,
                 "queue_full",
-                &"plugin is behind; oldest frame dropped",
+                &"Frame dropped: the plugin is behind and the queue is full (oldest dropped)",
             );
         }
     }
@@ -619,6 +634,28 @@ impl Path {
         }
         self.streams.push(packet, now, &mut self.stream_events);
         self.drain(now, out);
+    }
+
+    /// Copies what the data-stream stage passed over into the job's counters, and says so
+    /// when nothing at all was on the job's topic: a sender on another topic looks like an
+    /// empty stream otherwise.
+    pub fn record_ignored(&self) {
+        let ignored = self.streams.ignored();
+        let counters = &self.counters;
+        counters.set_ignored("not_stream", ignored.not_stream);
+        counters.set_ignored("other_topic", ignored.other_topic);
+        counters.set_ignored("byte_stream", ignored.byte_stream);
+        counters.set_ignored("unknown_stream", ignored.unknown_stream);
+        counters.set_ignored("duplicate_chunk", ignored.duplicate_chunk);
+        counters.set_ignored("duplicate_header", ignored.duplicate_header);
+        if ignored.other_topic > 0 && JobCounters::get(&counters.streams_completed) == 0 {
+            tracing::warn!(
+                job_id = %self.job_id,
+                topic = %self.streams.limits().topic,
+                streams_on_other_topics = ignored.other_topic,
+                "No stream arrived on the job's topic; streams on other topics were ignored"
+            );
+        }
     }
 
     /// Expires everything still open: the source has ended.

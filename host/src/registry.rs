@@ -20,11 +20,10 @@ pub struct Registry {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("job type {job_type}: {source}")]
+#[error("job type {job_type}: {error}")]
 pub struct RegistryError {
     pub job_type: String,
-    #[source]
-    pub source: LoadError,
+    pub error: LoadError,
 }
 
 impl Registry {
@@ -33,20 +32,21 @@ impl Registry {
         let mut by_digest: HashMap<String, Plugin> = HashMap::new();
         let mut routes = BTreeMap::new();
         for (name, job_type) in &config.job_types {
-            let fail = |source| RegistryError {
+            let fail = |error| RegistryError {
                 job_type: name.clone(),
-                source,
+                error,
             };
-            let bytes = std::fs::read(&job_type.plugin).map_err(|source| {
+            let bytes = std::fs::read(&job_type.plugin).map_err(|error| {
                 fail(LoadError::Read {
                     path: job_type.plugin.display().to_string(),
-                    source,
+                    error,
                 })
             })?;
             let digest = digest_of(&bytes);
             let plugin = match by_digest.get(&digest) {
                 Some(plugin) => plugin.clone(),
                 None => {
+                    tracing::info!(job_type = %name, plugin = %job_type.plugin.display(), "Compiling plugin");
                     let stem = job_type
                         .plugin
                         .file_stem()

@@ -120,11 +120,8 @@ pub enum LoadError {
     Compile(wasmtime::Error),
     #[error("component does not fit the frame-processor world: {0:#}")]
     World(wasmtime::Error),
-    #[error("cannot read plugin {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read plugin {path}: {error}")]
+    Read { path: String, error: std::io::Error },
 }
 
 /// A failed plugin call.
@@ -249,9 +246,9 @@ impl Sandbox {
     }
 
     pub fn load_file(&self, path: &std::path::Path) -> Result<Plugin, LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        let bytes = std::fs::read(path).map_err(|error| LoadError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         let name = path
             .file_stem()
@@ -676,7 +673,12 @@ impl AsyncWrite for PluginOutput {
                 let line =
                     String::from_utf8_lossy(&std::mem::take(&mut state.partial)).into_owned();
                 if let Some(line) = state.admit(line) {
-                    tracing::info!(target: "plugin", job_id = &*self.job_id, stream = self.stream, "{line}");
+                    // stderr is where a plugin reports trouble (a panic message, for one).
+                    if self.stream == "stderr" {
+                        tracing::warn!(target: "plugin", job_id = &*self.job_id, stream = self.stream, "{line}");
+                    } else {
+                        tracing::info!(target: "plugin", job_id = &*self.job_id, stream = self.stream, "{line}");
+                    }
                 }
             } else if state.partial.len() < MAX_LOG_LINE_BYTES {
                 state.partial.push(byte);

@@ -19,8 +19,10 @@ pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
 pub fn init_logging(json: bool, default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Colours only for a person at a terminal, never into a log file or collector.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = if json {
         builder.json().try_init()
@@ -42,6 +44,7 @@ pub struct JobCounters {
     pub image_bytes: AtomicU64,
     pub results: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
+    ignored: Mutex<BTreeMap<&'static str, u64>>,
     warnings: Mutex<BTreeMap<&'static str, WarnState>>,
 }
 
@@ -67,7 +70,7 @@ impl JobCounters {
             .expect("counters lock")
             .entry(reason)
             .or_insert(0) += 1;
-        self.warn(job_id, reason, detail);
+        self.warn(job_id, reason, &format_args!("Frame rejected: {detail}"));
     }
 
     /// Logs that a bound tripped, at most once per [`WARN_INTERVAL`] per reason.
@@ -77,17 +80,12 @@ impl JobCounters {
         match warnings.get_mut(reason) {
             Some(state) if now.duration_since(state.last) < WARN_INTERVAL => state.suppressed += 1,
             Some(state) => {
-                tracing::warn!(
-                    job_id,
-                    reason,
-                    suppressed = state.suppressed,
-                    "Frame rejected: {detail}"
-                );
+                tracing::warn!(job_id, reason, suppressed = state.suppressed, "{detail}");
                 state.last = now;
                 state.suppressed = 0;
             }
             None => {
-                tracing::warn!(job_id, reason, "Frame rejected: {detail}");
+                tracing::warn!(job_id, reason, "{detail}");
                 warnings.insert(
                     reason,
                     WarnState {
@@ -102,6 +100,21 @@ impl JobCounters {
     pub fn rejected(&self) -> BTreeMap<String, u64> {
         let rejected = self.rejected.lock().expect("counters lock");
         rejected.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    /// Records packets the data-stream stage passed over (not ours, duplicates), by kind.
+    pub fn set_ignored(&self, kind: &'static str, count: u64) {
+        let mut ignored = self.ignored.lock().expect("counters lock");
+        if count > 0 {
+            ignored.insert(kind, count);
+        } else {
+            ignored.remove(kind);
+        }
+    }
+
+    pub fn ignored(&self) -> BTreeMap<String, u64> {
+        let ignored = self.ignored.lock().expect("counters lock");
+        ignored.iter().map(|(k, v)| (k.to_string(), *v)).collect()
     }
 
     pub fn rejected_total(&self) -> u64 {

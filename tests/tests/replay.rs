@@ -314,3 +314,35 @@ fn box_mean(
     let n = pixels.max(1) as f64;
     (sums.map(|s| s as f64 / n), pixels)
 }
+
+/// A sender on another topic is not an empty stream: nothing reaches the plugin, and the
+/// report says how many streams were passed over and why.
+#[tokio::test]
+async fn streams_on_another_topic_are_reported_as_ignored() {
+    let options = framehost::capture::synth::SynthOptions {
+        topic: "someOtherTopic".into(),
+        ..captures::options(5, 8, 2, 10.0)
+    };
+    let capture = captures::shared(
+        Path::new(env!("CARGO_TARGET_TMPDIR")),
+        "other-topic",
+        &options,
+    );
+    let output = replay(&[
+        "--plugin".as_ref(),
+        artifacts::tracker().as_os_str(),
+        capture.as_os_str(),
+        "--json".as_ref(),
+    ])
+    .await;
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let line = json_line(&output);
+    assert_eq!(line["frames_in"], 0, "{line}");
+    // Five frames in two parts: ten streams, each opened by a header on the other topic.
+    assert_eq!(line["packets_ignored"]["other_topic"], 10, "{line}");
+    assert!(
+        text(&output.stderr).contains("No stream arrived on the job's topic"),
+        "{}",
+        text(&output.stderr)
+    );
+}

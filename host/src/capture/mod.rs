@@ -65,18 +65,26 @@ pub enum CaptureError {
     #[error("capture metadata is {0} bytes, more than the 64 KiB allowed")]
     MetaTooLarge(u32),
     #[error("capture metadata is not valid JSON: {0}")]
-    BadMeta(#[source] serde_json::Error),
+    BadMeta(serde_json::Error),
     #[error("record {index} is {len} bytes, more than the {MAX_PACKET_BYTES} allowed")]
     RecordTooLarge { index: u64, len: u32 },
     #[error("record {index} is cut short: the file ends inside it")]
     Truncated { index: u64 },
-    #[error("record {index} is not a DataPacket: {source}")]
+    #[error("record {index} is not a DataPacket: {error}")]
     BadPacket {
         index: u64,
-        source: prost::DecodeError,
+        error: prost::DecodeError,
     },
     #[error("I/O error on capture: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+}
+
+// By hand rather than `#[from]`: the message already carries the cause, and a `source` would
+// print it twice in a cause chain.
+impl From<io::Error> for CaptureError {
+    fn from(error: io::Error) -> Self {
+        Self::Io(error)
+    }
 }
 
 /// Writes a capture, record by record.
@@ -198,7 +206,7 @@ impl<R: BufRead> CaptureReader<R> {
             if buffered.len() >= end {
                 let at = u64::from_le_bytes(buffered[..8].try_into().expect("8 bytes"));
                 let packet = DataPacket::decode(&buffered[12..end])
-                    .map_err(|source| CaptureError::BadPacket { index, source })?;
+                    .map_err(|error| CaptureError::BadPacket { index, error })?;
                 self.input.consume(end);
                 self.index += 1;
                 return Ok(Some(Record {
@@ -223,7 +231,7 @@ impl<R: BufRead> CaptureReader<R> {
             return Err(CaptureError::Truncated { index });
         }
         let packet = DataPacket::decode(self.buffer.as_slice())
-            .map_err(|source| CaptureError::BadPacket { index, source })?;
+            .map_err(|error| CaptureError::BadPacket { index, error })?;
         self.index += 1;
         Ok(Some(Record {
             at: Duration::from_micros(u64::from_le_bytes(at)),

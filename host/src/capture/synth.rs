@@ -93,11 +93,8 @@ pub struct SynthReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
-    #[error("cannot read detections {path}: {source}")]
-    ReadDetections {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read detections {path}: {error}")]
+    ReadDetections { path: String, error: std::io::Error },
     #[error("detections {path}, line {line}: {reason}")]
     BadDetections {
         path: String,
@@ -111,7 +108,15 @@ pub enum SynthError {
     #[error(transparent)]
     Send(#[from] SendTextError),
     #[error("image encoding failed: {0}")]
-    Image(#[from] image::ImageError),
+    Image(image::ImageError),
+    #[error("cannot write {path}: {error}")]
+    Create { path: String, error: CaptureError },
+}
+
+impl From<image::ImageError> for SynthError {
+    fn from(error: image::ImageError) -> Self {
+        Self::Image(error)
+    }
 }
 
 /// One object in one frame, in pixels.
@@ -135,6 +140,12 @@ pub fn synth(
         return Err(SynthError::Invalid(
             "frames, parts and fps must be positive".into(),
         ));
+    }
+    if options.parts > 64 {
+        tracing::warn!(
+            parts = options.parts,
+            "More parts than a host accepts by default (assembly.max_parts = 64): raise it to replay this capture"
+        );
     }
     let mot = options.detections.as_deref().map(read_mot).transpose()?;
     let frames = match &mot {
@@ -178,7 +189,10 @@ pub fn synth(
             options.parts, options.fps
         ),
     };
-    let mut writer = CaptureWriter::create(out, &meta)?;
+    let mut writer = CaptureWriter::create(out, &meta).map_err(|error| SynthError::Create {
+        path: out.display().to_string(),
+        error,
+    })?;
     let send_options = SendTextOptions {
         compress: options.deflate,
         ..Default::default()
@@ -471,9 +485,9 @@ impl SplitMix {
 /// dropping the ids.
 fn read_mot(path: &Path) -> Result<Vec<Vec<Object>>, SynthError> {
     let display = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| SynthError::ReadDetections {
+    let text = std::fs::read_to_string(path).map_err(|error| SynthError::ReadDetections {
         path: display.clone(),
-        source,
+        error,
     })?;
     let mut by_frame: BTreeMap<u32, Vec<Object>> = BTreeMap::new();
     for (n, line) in text.lines().enumerate() {
