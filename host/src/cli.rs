@@ -308,8 +308,10 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     };
     let job_config: serde_json::Value =
         serde_json::from_str(&args.job_config).context("--job-config is not valid JSON")?;
-    if !args.capture.is_file() {
-        bail!("capture {} does not exist", args.capture.display());
+    match std::fs::metadata(&args.capture) {
+        Ok(meta) if meta.is_file() => {}
+        Ok(_) => bail!("capture {} is not a regular file", args.capture.display()),
+        Err(error) => bail!("cannot read capture {}: {error}", args.capture.display()),
     }
 
     let mut sandbox_config = config.sandbox_config();

@@ -341,11 +341,41 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if self.host.max_jobs == 0 {
-            return invalid("host.max_jobs must be at least 1".into());
-        }
-        if self.nats.ack_wait_secs < 3 {
-            return invalid("nats.ack_wait_secs must be at least 3".into());
+        // Ranges wide enough for any real deployment, narrow enough that no arithmetic on
+        // them overflows.
+        let ranges: [(&str, u64, u64, u64); 7] = [
+            ("host.max_jobs", self.host.max_jobs as u64, 1, 1024),
+            ("host.queue_depth", self.host.queue_depth as u64, 1, 4096),
+            ("nats.ack_wait_secs", self.nats.ack_wait_secs, 3, 86_400),
+            (
+                "nats.max_deliver",
+                self.nats.max_deliver.max(0) as u64,
+                1,
+                1000,
+            ),
+            (
+                "sandbox.max_memory_mib",
+                self.sandbox.max_memory_mib,
+                1,
+                4096,
+            ),
+            (
+                "sandbox.max_wasm_stack_kib",
+                self.sandbox.max_wasm_stack_kib as u64,
+                64,
+                65_536,
+            ),
+            (
+                "sandbox.max_instances",
+                self.sandbox.max_instances.unwrap_or(1) as u64,
+                1,
+                10_000,
+            ),
+        ];
+        for (name, value, low, high) in ranges {
+            if !(low..=high).contains(&value) {
+                return invalid(format!("{name} must be between {low} and {high}"));
+            }
         }
         if let Some(slots) = self.sandbox.max_instances
             && (slots as usize) < self.host.max_jobs
@@ -362,6 +392,9 @@ impl Config {
                     "job_types.{name}.memory_mib ({}) exceeds sandbox.max_memory_mib ({})",
                     job_type.memory_mib, self.sandbox.max_memory_mib
                 ));
+            }
+            if job_type.memory_mib == 0 {
+                return invalid(format!("job_types.{name}.memory_mib must be at least 1"));
             }
             if job_type.call_deadline_ms == 0 {
                 return invalid(format!(

@@ -210,6 +210,9 @@ impl JobError {
     }
 }
 
+/// How long a job's end waits for its source to notice the stop.
+const PATH_EXIT_WAIT: Duration = Duration::from_secs(10);
+
 /// Runs a job to its end: the source is exhausted, `stop` is cancelled, or the job fails.
 ///
 /// Events (progress, results) go to `events`; a slow receiver slows the plugin, it does not
@@ -287,12 +290,21 @@ pub async fn run(
     path_stop.cancel();
     let discarded = queue.close_and_clear() as u64;
     JobCounters::add(&counters.frames_dropped, discarded);
-    let path_outcome = path_task.await.unwrap_or_else(|e| {
-        Err(JobError::permanent(
-            "internal",
-            format!("path task failed: {e}"),
-        ))
-    });
+    // A source blocked in a read cannot see the stop: the job ends without it rather than
+    // holding its slot. The thread exits when the read returns; the queue it would fill is
+    // closed and its buffers stay bounded.
+    let path_outcome = match tokio::time::timeout(PATH_EXIT_WAIT, path_task).await {
+        Ok(joined) => joined.unwrap_or_else(|e| {
+            Err(JobError::permanent(
+                "internal",
+                format!("path task failed: {e}"),
+            ))
+        }),
+        Err(_) => {
+            tracing::error!(job_id = %spec.id, "The job's source did not stop within {PATH_EXIT_WAIT:?}; ending the job without it");
+            Ok(())
+        }
+    };
 
     let finished = match outcome.and(path_outcome) {
         Ok(()) => {
@@ -401,7 +413,7 @@ impl PluginSide<'_> {
                 Ok(frame) => frame,
                 Err(error) => {
                     let detail = format!(
-                        "message {} from {}: {error}",
+                        "message {:?} from {:?}: {error}",
                         message.message_id, message.sender
                     );
                     self.counters.reject(self.job_id, error.reason(), &detail);
@@ -521,6 +533,10 @@ struct QueueSink<'a> {
 }
 
 impl PacketSink for QueueSink<'_> {
+    fn stopped(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
     fn packet(&mut self, packet: DataPacket, now: Instant) -> bool {
         if self.stop.is_cancelled() {
             return false;
@@ -676,7 +692,7 @@ impl Path {
                 }
                 StreamEvent::Rejected(rejected) => {
                     let detail = format!(
-                        "stream {} from {}: {}",
+                        "stream {:?} from {:?}: {}",
                         rejected.stream_id, rejected.sender, rejected.reason
                     );
                     self.counters
@@ -703,7 +719,7 @@ impl Path {
                 }
                 AssemblyEvent::Rejected(rejected) => {
                     let detail = format!(
-                        "message {} from {}: {}",
+                        "message {:?} from {:?}: {}",
                         rejected.message_id, rejected.sender, rejected.reason
                     );
                     self.counters

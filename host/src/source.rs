@@ -42,7 +42,15 @@ impl SourceSpec {
 pub trait PacketSink {
     /// Takes one packet. Returns `false` when the job wants no more packets.
     fn packet(&mut self, packet: DataPacket, now: Instant) -> bool;
+
+    /// Whether the job wants no more packets, asked while the source waits.
+    fn stopped(&self) -> bool {
+        false
+    }
 }
+
+/// Longest a paced source sleeps before asking its sink whether the job was stopped.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// How a capture is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,10 +77,14 @@ pub fn read_capture<R: std::io::BufRead>(
         // Recorded times only move forward, whatever a corrupt file says.
         last = last.max(record.at);
         let now = start + last;
-        if pacing == Pacing::Realtime
-            && let Some(wait) = now.checked_duration_since(Instant::now())
-        {
-            std::thread::sleep(wait);
+        if pacing == Pacing::Realtime {
+            // In short steps: a recorded gap of an hour must not outlast a stop request.
+            while let Some(wait) = now.checked_duration_since(Instant::now()) {
+                if sink.stopped() {
+                    return Ok(now);
+                }
+                std::thread::sleep(wait.min(STOP_CHECK));
+            }
         }
         if !sink.packet(record.packet, now) {
             break;

@@ -346,3 +346,25 @@ async fn streams_on_another_topic_are_reported_as_ignored() {
         text(&output.stderr)
     );
 }
+
+/// A capture path that is not a regular file (here a FIFO nobody writes to, which would
+/// block an open for ever) is refused at once.
+#[tokio::test]
+async fn a_fifo_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().expect("scratch dir");
+    let fifo = dir.path().join("capture.fhcap");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    let output = replay(&[
+        "--plugin".as_ref(),
+        artifacts::tracker().as_os_str(),
+        fifo.as_os_str(),
+    ])
+    .await;
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+}

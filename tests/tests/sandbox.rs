@@ -314,3 +314,66 @@ fn non_components_are_refused() {
         "{error}"
     );
 }
+
+/// A stop reaches a realtime source even while it waits out a long recorded gap (an hour
+/// here): the job ends promptly, reported stopped, instead of holding its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_ends_a_realtime_job_waiting_out_a_long_gap() {
+    use framehost::capture::{CaptureMeta, CaptureReader, CaptureWriter};
+
+    // The shared capture, with its second half moved an hour later.
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sandbox-hour-gap.fhcap");
+    let records: Vec<_> = CaptureReader::open(&capture())
+        .expect("capture opens")
+        .map(|r| r.expect("capture reads"))
+        .collect();
+    let mut writer = CaptureWriter::create(&path, &CaptureMeta::default()).expect("create");
+    let half = records.len() / 2;
+    for (n, record) in records.iter().enumerate() {
+        let at = if n < half {
+            record.at
+        } else {
+            record.at + Duration::from_secs(3600)
+        };
+        writer.write(at, &record.packet).expect("write");
+    }
+    writer.finish().expect("flush");
+
+    let engine = engine();
+    let mut job = spec("hour-gap", serde_json::json!({}));
+    job.source = SourceSpec::Capture {
+        path,
+        realtime: true,
+    };
+    let settings = JobSettings::new(
+        &Config::default(),
+        &JobTypeConfig::new(artifacts::tracker()),
+    );
+    let stop = CancellationToken::new();
+    let run = {
+        let plugin = engine.tracker.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (events, mut received) = mpsc::channel(16);
+            let drain = tokio::spawn(async move { while received.recv().await.is_some() {} });
+            let outcome = job::run(&job, &plugin, &settings, events, stop).await;
+            drain.await.ok();
+            outcome
+        })
+    };
+    // Well into the gap: the first half (about 2.4 s at 10 fps) has been played.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.cancel();
+    // Under the 10 s a job's end waits for a stuck source: the source itself saw the stop.
+    let report = within(
+        Duration::from_secs(8),
+        "the stopped job to end",
+        String::new,
+        run,
+    )
+    .await
+    .expect("job task")
+    .expect("a stopped job is not a failure");
+    assert!(report.stopped, "{report:?}");
+    assert!(report.frames_processed < FRAMES, "{report:?}");
+}

@@ -62,6 +62,8 @@ pub struct Record {
 pub enum CaptureError {
     #[error("not a framehost capture file (bad magic); captures start with \"FHCAP\"")]
     BadMagic,
+    #[error("not a regular file")]
+    NotAFile,
     #[error("capture metadata is {0} bytes, more than the 64 KiB allowed")]
     MetaTooLarge(u32),
     #[error("capture metadata is not valid JSON: {0}")]
@@ -157,7 +159,12 @@ pub struct CaptureReader<R: BufRead> {
 }
 
 impl CaptureReader<BufReader<File>> {
+    /// Opens a regular file. Anything else (a FIFO, a device, a directory) is refused before
+    /// it is opened: opening or reading one can block a job forever.
     pub fn open(path: &Path) -> Result<Self, CaptureError> {
+        if !std::fs::metadata(path)?.is_file() {
+            return Err(CaptureError::NotAFile);
+        }
         Self::new(BufReader::with_capacity(256 << 10, File::open(path)?))
     }
 }

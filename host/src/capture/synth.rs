@@ -136,9 +136,14 @@ pub fn synth(
     out: &Path,
     mut progress: impl FnMut(u32),
 ) -> Result<SynthReport, SynthError> {
-    if options.parts == 0 || options.frames == 0 || options.fps <= 0.0 {
+    if options.parts == 0 || options.frames == 0 || options.image_kib == 0 {
         return Err(SynthError::Invalid(
-            "frames, parts and fps must be positive".into(),
+            "frames, parts and image-kib must be positive".into(),
+        ));
+    }
+    if !(0.001..=1000.0).contains(&options.fps) {
+        return Err(SynthError::Invalid(
+            "fps must be between 0.001 and 1000".into(),
         ));
     }
     if options.parts > 64 {

@@ -110,6 +110,15 @@ pub struct StreamRejected {
 /// Why a stream was dropped. [`reason`](Self::reason) gives a short label for metrics.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StreamRejection {
+    /// The sender's identity or the stream id is longer than [`MAX_ID_BYTES`]; both are
+    /// kept for the stream's life, so they are bounded like its content.
+    #[error("sender identity or stream id longer than {limit} bytes")]
+    IdTooLong { limit: usize },
+
+    /// The header's attributes take more than [`MAX_ATTRIBUTE_BYTES`] (keys and values).
+    #[error("header attributes take {bytes} bytes, more than the limit of {limit}")]
+    AttributesTooLarge { bytes: usize, limit: usize },
+
     /// The header declared more bytes than [`StreamLimits::max_stream_bytes`].
     #[error("header declares {declared} bytes, more than the limit of {limit}")]
     DeclaredTooLarge { declared: u64, limit: usize },
@@ -162,6 +171,8 @@ impl StreamRejection {
     /// A short snake_case label, for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::IdTooLong { .. } => "id_too_long",
+            Self::AttributesTooLarge { .. } => "attributes_too_large",
             Self::DeclaredTooLarge { .. } => "declared_too_large",
             Self::TooLarge { .. } => "stream_too_large",
             Self::BuffersFull { .. } => "buffers_full",
@@ -338,10 +349,37 @@ impl DataStreams {
             return;
         }
 
+        if sender.len() > MAX_ID_BYTES || header.stream_id.len() > MAX_ID_BYTES {
+            // The rejection names the stream by a short prefix: the ids go into logs.
+            let key = StreamKey {
+                sender: truncated(&sender),
+                stream_id: truncated(&header.stream_id),
+            };
+            out.push(rejected(
+                key,
+                StreamRejection::IdTooLong {
+                    limit: MAX_ID_BYTES,
+                },
+            ));
+            return;
+        }
         let key = StreamKey {
             sender,
             stream_id: std::mem::take(&mut header.stream_id),
         };
+        let attribute_bytes: usize = header
+            .attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        if attribute_bytes > MAX_ATTRIBUTE_BYTES {
+            let reason = StreamRejection::AttributesTooLarge {
+                bytes: attribute_bytes,
+                limit: MAX_ATTRIBUTE_BYTES,
+            };
+            out.push(rejected(key, reason));
+            return;
+        }
         if self.open.contains_key(&key) {
             self.ignored.duplicate_header += 1;
             return;
@@ -547,6 +585,22 @@ impl OpenStream {
             text,
         })
     }
+}
+
+/// Longest sender identity or stream id accepted. LiveKit's are far shorter.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Most bytes of header attributes (keys and values together) accepted. A LiveKit sender
+/// must fit the whole header packet in 15,000 bytes, so an honest header is always below it.
+pub const MAX_ATTRIBUTE_BYTES: usize = 15_000;
+
+/// The first 64 bytes of an over-long id, for naming it in a rejection.
+fn truncated(id: &str) -> String {
+    let mut end = id.len().min(64);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &id[..end])
 }
 
 fn rejected(key: StreamKey, reason: StreamRejection) -> StreamEvent {

@@ -997,3 +997,36 @@ mod round_trip {
         assert_eq!(only_text(&events).text, mixed);
     }
 }
+
+#[test]
+fn long_ids_and_oversized_attributes_open_nothing() {
+    let mut streams = DataStreams::new(limits());
+    let long_id = "s".repeat(MAX_ID_BYTES + 1);
+    let mut big = text_header("attrs");
+    big.attributes = (0..2_000)
+        .map(|n| (format!("k{n}"), "v".repeat(8)))
+        .collect();
+
+    let events = feed(
+        &mut streams,
+        vec![
+            header("agent", text_header(&long_id)),
+            header(&"a".repeat(MAX_ID_BYTES + 1), text_header("ok-id")),
+            header("agent", big),
+        ],
+        Instant::now(),
+    );
+
+    let reasons: Vec<_> = rejections(&events)
+        .iter()
+        .map(|(_, _, r)| r.reason())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["id_too_long", "id_too_long", "attributes_too_large"]
+    );
+    // The rejection names an over-long stream by a short prefix only.
+    assert!(rejections(&events)[0].1.len() < 100);
+    assert_eq!(streams.open_streams(), 0);
+    assert_eq!(streams.bytes_held(), 0);
+}
