@@ -148,19 +148,40 @@ pub async fn ensure_streams(
             config.dead_letter_stream
         )
     })?;
-    jobs.get_or_create_consumer(
-        &config.consumer,
-        consumer::pull::Config {
-            durable_name: Some(config.consumer.clone()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(config.ack_wait_secs),
-            max_deliver: config.max_deliver,
-            filter_subject: format!("{}.jobs.>", config.subject_prefix),
-            ..Default::default()
-        },
-    )
-    .await
-    .with_context(|| format!("cannot create or open the consumer {}", config.consumer))
+    let mut consumer: consumer::PullConsumer = jobs
+        .get_or_create_consumer(
+            &config.consumer,
+            consumer::pull::Config {
+                durable_name: Some(config.consumer.clone()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(config.ack_wait_secs),
+                max_deliver: config.max_deliver,
+                filter_subject: format!("{}.jobs.>", config.subject_prefix),
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("cannot create or open the consumer {}", config.consumer))?;
+
+    // An existing consumer keeps the settings it was made with: say so when they differ,
+    // since in-progress acks are timed from the configured ack_wait.
+    if let Ok(info) = consumer.info().await {
+        let actual = &info.config;
+        if actual.ack_wait != Duration::from_secs(config.ack_wait_secs)
+            || actual.max_deliver != config.max_deliver
+        {
+            tracing::warn!(
+                consumer = %config.consumer,
+                ack_wait_secs = actual.ack_wait.as_secs(),
+                max_deliver = actual.max_deliver,
+                configured_ack_wait_secs = config.ack_wait_secs,
+                configured_max_deliver = config.max_deliver,
+                "The existing consumer was made with other settings, which stay in force; \
+                 delete the consumer (it is recreated) to apply the configured ones"
+            );
+        }
+    }
+    Ok(consumer)
 }
 
 /// Pulls and runs jobs until `shutdown` is cancelled, then lets running jobs finish within
@@ -195,6 +216,12 @@ pub async fn serve(
         "Serving jobs"
     );
 
+    // In-progress acks follow the consumer's ack wait, whatever the configuration says.
+    let ack_wait = consumer
+        .cached_info()
+        .config
+        .ack_wait
+        .max(Duration::from_secs(3));
     let slots = Arc::new(Semaphore::new(config.host.max_jobs));
     let stop_jobs = CancellationToken::new();
     let mut running = tokio::task::JoinSet::new();
@@ -216,6 +243,7 @@ pub async fn serve(
                     client: client.clone(),
                     js: js.clone(),
                     host: host.clone(),
+                    ack_wait,
                 };
                 let stop = stop_jobs.child_token();
                 running.spawn(async move {
@@ -409,6 +437,8 @@ struct Runner {
     client: async_nats::Client,
     js: jetstream::Context,
     host: String,
+    /// The consumer's own ack wait, which may differ from the configured one.
+    ack_wait: Duration,
 }
 
 impl Runner {
@@ -511,7 +541,7 @@ impl Runner {
         // In-progress acks keep JetStream from redelivering a job that is still running.
         let heartbeat = {
             let acker = message.clone();
-            let every = Duration::from_secs(nats.ack_wait_secs).div_f64(3.0);
+            let every = self.ack_wait.div_f64(3.0);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.tick().await;
