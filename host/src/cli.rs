@@ -11,15 +11,16 @@ use clap::{Args, Parser, Subcommand};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::CaptureReader;
 use crate::capture::synth::{self, SynthOptions};
+use crate::capture::{CaptureMeta, CaptureReader, CaptureWriter};
 use crate::config::{Config, JobTypeConfig};
 use crate::intake::{self, JobState};
 use crate::job::{self, JobEvent, JobReport, JobSettings, JobSpec};
+use crate::livekit::{self, LiveKitSource, LiveKitStats, PacketQueue, Secret};
 use crate::registry::Registry;
 use crate::sandbox::Sandbox;
 use crate::source::SourceSpec;
-use crate::telemetry;
+use crate::telemetry::{self, JobCounters};
 
 #[derive(Parser)]
 #[command(
@@ -104,11 +105,29 @@ enum CaptureCommand {
     /// Make a synthetic capture: real photographs with moving objects, sent the way the
     /// upstream vision service sends frames.
     Synth(SynthArgs),
+    /// Join a LiveKit room as a hidden participant and write every data packet that arrives
+    /// to a capture file, for replaying a real session offline. Ends when the source leaves,
+    /// the room closes, on Ctrl-C, or at --max-duration-secs / --idle-timeout-secs (idle =
+    /// no packet).
+    Record(RecordArgs),
     /// Print a capture's metadata and what it holds.
     Info {
         /// The capture file.
         capture: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct RecordArgs {
+    #[command(flatten)]
+    room: RoomArgs,
+    /// Configuration file whose [livekit] section gives the server, API key and secret
+    /// (LIVEKIT_API_KEY / LIVEKIT_API_SECRET work too) and whose [streams] topic is noted.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Output capture file.
+    #[arg(long, short)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -155,7 +174,7 @@ struct SynthArgs {
 enum JobCommand {
     /// Publish a job; with --wait, follow its status until it ends (exit 0 if it finished or
     /// was stopped on request).
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// Ask the host running a job to stop it early (it finishes its plugin and is acked); exits
     /// 1 if no host answers that it runs the job.
     Stop {
@@ -178,16 +197,19 @@ struct NatsArgs {
 }
 
 #[derive(Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["capture", "room"]))]
 struct SubmitArgs {
     /// The job type (selects the plugin on the hosts).
     #[arg(long = "type")]
     job_type: String,
     /// Capture file to process, as seen by the host (made absolute here).
     #[arg(long)]
-    capture: PathBuf,
+    capture: Option<PathBuf>,
     /// Read the capture at its recorded pace, as a live room.
-    #[arg(long)]
+    #[arg(long, requires = "capture")]
     realtime: bool,
+    #[command(flatten)]
+    room: RoomArgs,
     /// Job id (default: a new UUID).
     #[arg(long)]
     id: Option<String>,
@@ -205,6 +227,49 @@ struct SubmitArgs {
     json: bool,
     #[command(flatten)]
     nats: NatsArgs,
+}
+
+/// A LiveKit room as a job source (or as what `capture record` joins).
+#[derive(Args)]
+struct RoomArgs {
+    /// LiveKit room to join (instead of --capture).
+    #[arg(long)]
+    room: Option<String>,
+    /// LiveKit server URL [default: the host's livekit.url].
+    #[arg(long = "livekit-url", requires = "room")]
+    livekit_url: Option<String>,
+    /// Token to join with [default: the host mints one from its API key and secret].
+    /// Prefer the environment variable: a command line is visible to other users.
+    #[arg(
+        long,
+        env = "FRAMEHOST_LIVEKIT_TOKEN",
+        hide_env_values = true,
+        requires = "room"
+    )]
+    token: Option<String>,
+    /// Identity of the participant publishing the frames; the job ends when it leaves
+    /// [default: when the last other participant leaves].
+    #[arg(long = "source-identity", requires = "room")]
+    source_identity: Option<String>,
+    /// End after this many seconds in the room [default: livekit.max_duration_secs].
+    #[arg(long = "max-duration-secs", requires = "room")]
+    max_duration_secs: Option<u64>,
+    /// End after this many seconds without a frame [default: livekit.idle_timeout_secs].
+    #[arg(long = "idle-timeout-secs", requires = "room")]
+    idle_timeout_secs: Option<u64>,
+}
+
+impl RoomArgs {
+    fn source(&self) -> Option<LiveKitSource> {
+        Some(LiveKitSource {
+            room: self.room.clone()?,
+            url: self.livekit_url.clone(),
+            token: self.token.clone().map(Secret::new),
+            source_identity: self.source_identity.clone(),
+            max_duration_secs: self.max_duration_secs,
+            idle_timeout_secs: self.idle_timeout_secs,
+        })
+    }
 }
 
 fn parse_size(text: &str) -> Result<(u32, u32), String> {
@@ -251,7 +316,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay(args).await,
         Command::Capture(CaptureCommand::Synth(args)) => capture_synth(args),
         Command::Capture(CaptureCommand::Info { capture }) => capture_info(&capture),
-        Command::Job(JobCommand::Submit(args)) => submit(args).await,
+        Command::Capture(CaptureCommand::Record(args)) => capture_record(args).await,
+        Command::Job(JobCommand::Submit(args)) => submit(*args).await,
         Command::Job(JobCommand::Stop { id, nats }) => stop(&id, nats).await,
         Command::Bench(command) => crate::bench::run(command).await,
     }
@@ -493,8 +559,15 @@ fn print_summary(out: &mut dyn Write, report: &JobReport) {
         report.plugin_memory_peak_bytes as f64 / (1 << 20) as f64,
         report.peak_rss_bytes as f64 / (1 << 20) as f64
     );
-    if report.stopped {
-        let _ = writeln!(out, "stopped     before the end of the capture");
+    if !report.ended_by.is_empty() {
+        let _ = writeln!(out, "ended by    {}", report.ended_by);
+    }
+    if let Some(lk) = &report.livekit {
+        let _ = writeln!(
+            out,
+            "livekit     {} packets, {} duplicates, {} dropped (queue full), {} resumes, {} rejoins",
+            lk.packets, lk.duplicates, lk.queue_full, lk.resumes, lk.rejoins
+        );
     }
     let summary = serde_json::to_string_pretty(&report.summary).unwrap_or_default();
     let _ = writeln!(
@@ -589,15 +662,19 @@ fn nats_config(args: &NatsArgs) -> anyhow::Result<crate::config::NatsConfig> {
 
 async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let nats = nats_config(&args.nats)?;
-    let capture = std::path::absolute(&args.capture)
-        .with_context(|| format!("cannot resolve {}", args.capture.display()))?;
+    let source = match (&args.capture, args.room.source()) {
+        (Some(capture), _) => SourceSpec::Capture {
+            path: std::path::absolute(capture)
+                .with_context(|| format!("cannot resolve {}", capture.display()))?,
+            realtime: args.realtime,
+        },
+        (None, Some(room)) => SourceSpec::LiveKit(room),
+        (None, None) => bail!("give --capture or --room"),
+    };
     let spec = JobSpec {
         id: args.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         job_type: args.job_type,
-        source: SourceSpec::Capture {
-            path: capture,
-            realtime: args.realtime,
-        },
+        source,
         config: serde_json::from_str(&args.job_config).context("--job-config is not valid JSON")?,
     };
     spec.validate()?;
@@ -648,6 +725,121 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         },
     )
+}
+
+async fn capture_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    config.livekit.apply_env();
+    let source = args.room.source().context("--room is required")?;
+    let job_id = format!("record-{}", std::process::id());
+    let job = config
+        .livekit
+        .job(&job_id, &source)
+        .map_err(|message| anyhow::anyhow!(message))?;
+    let meta = CaptureMeta {
+        source: source.room.clone(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        topic: config.streams.topic.clone(),
+        note: format!(
+            "recorded by framehost {} from a LiveKit room",
+            env!("CARGO_PKG_VERSION")
+        ),
+    };
+    let mut writer = CaptureWriter::create(&args.out, &meta)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+
+    let (packets, mut arrivals) = PacketQueue::new(job.packet_queue_len, job.packet_queue_bytes);
+    let stats = Arc::new(LiveKitStats::default());
+    let counters = Arc::new(JobCounters::default());
+    let stop = CancellationToken::new();
+    let session = {
+        let (stats, counters, stop) = (stats.clone(), counters.clone(), stop.clone());
+        let config = job.session.clone();
+        tokio::spawn(async move {
+            livekit::session::run(&config, &packets, &stats, &counters, &stop).await
+        })
+    };
+    let ctrl_c = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("stopping: leaving the room");
+                stop.cancel();
+            }
+        })
+    };
+
+    let started = std::time::Instant::now();
+    let mut last_packet = started;
+    let mut ended_by = None;
+    let mut bytes = 0u64;
+    let mut flushed = started;
+    let terminal = std::io::stderr().is_terminal();
+    loop {
+        let arrived = tokio::select! {
+            arrived = arrivals.recv() => match arrived {
+                Some(arrived) => Some(arrived),
+                None => break,
+            },
+            _ = tokio::time::sleep(Duration::from_millis(250)) => None,
+        };
+        let now = std::time::Instant::now();
+        if let Some(arrived) = arrived {
+            last_packet = now;
+            bytes += prost::Message::encoded_len(&arrived.packet) as u64;
+            writer.write(
+                arrived.at.saturating_duration_since(started),
+                &arrived.packet,
+            )?;
+        }
+        if now.duration_since(flushed) >= Duration::from_secs(1) {
+            writer.flush()?;
+            flushed = now;
+            if terminal {
+                eprint!(
+                    "\r{:>6.1} s  {} packets  {:.1} MiB  ",
+                    now.duration_since(started).as_secs_f64(),
+                    writer.records(),
+                    bytes as f64 / (1 << 20) as f64
+                );
+            }
+        }
+        if ended_by.is_none() && !stop.is_cancelled() {
+            if now.duration_since(started) >= job.max_duration {
+                ended_by = Some("max_duration");
+                stop.cancel();
+            } else if now.duration_since(last_packet) >= job.idle_timeout {
+                ended_by = Some("idle_timeout");
+                stop.cancel();
+            }
+        }
+    }
+    ctrl_c.abort();
+    if terminal {
+        eprintln!();
+    }
+    let records = writer.records();
+    writer.finish()?;
+    let end = session.await.context("the LiveKit session task failed")??;
+    let report = stats.report();
+    println!(
+        "{}: {records} packets, {:.1} MiB from room {:?}; ended by {}; {} duplicates, {} dropped (queue full), {} resumes, {} rejoins",
+        args.out.display(),
+        bytes as f64 / (1 << 20) as f64,
+        source.room,
+        ended_by.unwrap_or(end.label()),
+        report.duplicates,
+        report.queue_full,
+        report.resumes,
+        report.rejoins
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn stop(id: &str, args: NatsArgs) -> anyhow::Result<ExitCode> {

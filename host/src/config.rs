@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::assembly::AssemblyLimits;
 use crate::decode::DecodeLimits;
+use crate::livekit::{ApiKey, Credentials, LiveKitSource, RetryPolicy, Secret, SessionConfig};
 use crate::sandbox::{PluginLimits, SandboxConfig};
 use crate::streams::StreamLimits;
 
@@ -23,6 +24,7 @@ pub struct Config {
     pub assembly: AssemblyConfig,
     pub decode: DecodeConfig,
     pub sandbox: SandboxSection,
+    pub livekit: LiveKitConfig,
     /// Job types this host serves, by name. A job whose type is not listed fails permanently.
     pub job_types: BTreeMap<String, JobTypeConfig>,
 }
@@ -247,6 +249,155 @@ impl Default for SandboxSection {
     }
 }
 
+/// How jobs join LiveKit rooms. Only jobs whose source is a room use it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LiveKitConfig {
+    /// Server for jobs that name none, e.g. `wss://example.livekit.cloud`. No default.
+    pub url: Option<String>,
+    /// API key for the tokens the host mints for jobs that bring none. Falls back to the
+    /// `LIVEKIT_API_KEY` environment variable.
+    pub api_key: Option<String>,
+    /// The key's secret. Prefer the `LIVEKIT_API_SECRET` environment variable to writing it
+    /// here. Never logged.
+    pub api_secret: Option<Secret>,
+    /// Lifetime of a minted token, in seconds; it is only needed to join (the server
+    /// refreshes it while connected). Default 600.
+    pub token_ttl_secs: u64,
+    /// Milliseconds for the signal WebSocket to connect, and again for the server's
+    /// JoinResponse (or ReconnectResponse). Default 5,000.
+    pub connect_timeout_ms: u64,
+    /// Milliseconds from the server's offer until the data channel is up. Default 15,000.
+    pub ice_timeout_ms: u64,
+    /// Failed resumes and joins in a row before the job fails as transient (and is
+    /// redelivered). Default 10.
+    pub retry_attempts: u32,
+    /// Milliseconds before the first retry, doubled each time, with jitter. Default 300.
+    pub retry_initial_delay_ms: u64,
+    /// Longest wait between retries, in milliseconds. Default 7,000.
+    pub retry_max_delay_ms: u64,
+    /// Milliseconds a departed source participant may take to rejoin before the job ends.
+    /// Default 5,000.
+    pub source_grace_ms: u64,
+    /// A job ends after this many seconds without a frame, unless the job says otherwise.
+    /// Default 120.
+    pub idle_timeout_secs: u64,
+    /// Longest a job may stay in a room, in seconds, unless the job says otherwise.
+    /// Default 14,400 (4 hours).
+    pub max_duration_secs: u64,
+    /// Packets waiting for a job's data-stream stage; past it they are dropped and counted
+    /// (`livekit_queue_full`). Default 4,096.
+    pub packet_queue_len: usize,
+    /// Bytes those packets may hold together. Default 32 MiB.
+    pub packet_queue_bytes: usize,
+    /// Senders whose packet sequence numbers a job remembers for de-duplication.
+    /// Default 256.
+    pub max_senders: usize,
+}
+
+impl Default for LiveKitConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            api_key: None,
+            api_secret: None,
+            token_ttl_secs: 600,
+            connect_timeout_ms: 5_000,
+            ice_timeout_ms: 15_000,
+            retry_attempts: 10,
+            retry_initial_delay_ms: 300,
+            retry_max_delay_ms: 7_000,
+            source_grace_ms: 5_000,
+            idle_timeout_secs: 120,
+            max_duration_secs: 4 * 3600,
+            packet_queue_len: 4_096,
+            packet_queue_bytes: 32 << 20,
+            max_senders: 256,
+        }
+    }
+}
+
+/// A LiveKit job's settings: the host's defaults with the job's own values applied.
+#[derive(Debug, Clone)]
+pub struct LiveKitJob {
+    pub session: SessionConfig,
+    pub idle_timeout: Duration,
+    pub max_duration: Duration,
+    pub packet_queue_len: usize,
+    pub packet_queue_bytes: usize,
+}
+
+impl LiveKitConfig {
+    /// Takes the API key and secret from the environment where the file has none.
+    pub fn apply_env(&mut self) {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        if self.api_key.is_none() {
+            self.api_key = var("LIVEKIT_API_KEY");
+        }
+        if self.api_secret.is_none() {
+            self.api_secret = var("LIVEKIT_API_SECRET").map(Secret::new);
+        }
+    }
+
+    /// The settings of one job in `source`, or why the job cannot run.
+    pub fn job(&self, job_id: &str, source: &LiveKitSource) -> Result<LiveKitJob, String> {
+        let url = source
+            .url
+            .clone()
+            .or_else(|| self.url.clone())
+            .ok_or("the job names no LiveKit url and the host has no livekit.url")?;
+        if source.room.is_empty() {
+            return Err("the job's LiveKit room is empty".into());
+        }
+        let credentials = match (&source.token, &self.api_key, &self.api_secret) {
+            (Some(token), _, _) => Credentials::Token(token.clone()),
+            (None, Some(key), Some(secret)) => Credentials::Mint {
+                api: ApiKey {
+                    key: key.clone(),
+                    secret: secret.clone(),
+                },
+                identity: format!("framehost-{job_id}"),
+                ttl: Duration::from_secs(self.token_ttl_secs.max(60)),
+            },
+            _ => {
+                return Err(
+                    "the job brings no LiveKit token and the host has no API key and \
+                     secret to mint one (livekit.api_key/api_secret or LIVEKIT_API_KEY/\
+                     LIVEKIT_API_SECRET)"
+                        .into(),
+                );
+            }
+        };
+        let ms = Duration::from_millis;
+        Ok(LiveKitJob {
+            session: SessionConfig {
+                job_id: job_id.to_owned(),
+                url,
+                room: source.room.clone(),
+                credentials,
+                source_identity: source.source_identity.clone(),
+                source_grace: ms(self.source_grace_ms),
+                retry: RetryPolicy {
+                    attempts: self.retry_attempts,
+                    initial_delay: ms(self.retry_initial_delay_ms),
+                    max_delay: ms(self.retry_max_delay_ms),
+                },
+                connect_timeout: ms(self.connect_timeout_ms),
+                ice_timeout: ms(self.ice_timeout_ms),
+                max_senders: self.max_senders,
+            },
+            idle_timeout: Duration::from_secs(
+                source.idle_timeout_secs.unwrap_or(self.idle_timeout_secs),
+            ),
+            max_duration: Duration::from_secs(
+                source.max_duration_secs.unwrap_or(self.max_duration_secs),
+            ),
+            packet_queue_len: self.packet_queue_len,
+            packet_queue_bytes: self.packet_queue_bytes,
+        })
+    }
+}
+
 /// What a job type runs and the limits of its jobs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -335,6 +486,7 @@ impl Config {
                 job_type.plugin = base.join(&job_type.plugin);
             }
         }
+        config.livekit.apply_env();
         config.validate()?;
         Ok(config)
     }
@@ -343,7 +495,8 @@ impl Config {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         // Ranges wide enough for any real deployment, narrow enough that no arithmetic on
         // them overflows.
-        let ranges: [(&str, u64, u64, u64); 7] = [
+        let lk = &self.livekit;
+        let ranges: [(&str, u64, u64, u64); 16] = [
             ("host.max_jobs", self.host.max_jobs as u64, 1, 1024),
             ("host.queue_depth", self.host.queue_depth as u64, 1, 4096),
             ("nats.ack_wait_secs", self.nats.ack_wait_secs, 3, 86_400),
@@ -371,6 +524,35 @@ impl Config {
                 1,
                 10_000,
             ),
+            ("livekit.token_ttl_secs", lk.token_ttl_secs, 60, 86_400),
+            (
+                "livekit.connect_timeout_ms",
+                lk.connect_timeout_ms,
+                100,
+                120_000,
+            ),
+            ("livekit.ice_timeout_ms", lk.ice_timeout_ms, 100, 300_000),
+            ("livekit.retry_attempts", lk.retry_attempts as u64, 0, 1000),
+            (
+                "livekit.retry_max_delay_ms",
+                lk.retry_max_delay_ms,
+                1,
+                600_000,
+            ),
+            ("livekit.source_grace_ms", lk.source_grace_ms, 0, 600_000),
+            (
+                "livekit.max_duration_secs",
+                lk.max_duration_secs,
+                1,
+                30 * 86_400,
+            ),
+            (
+                "livekit.packet_queue_len",
+                lk.packet_queue_len as u64,
+                1,
+                1 << 20,
+            ),
+            ("livekit.max_senders", lk.max_senders as u64, 1, 1 << 16),
         ];
         for (name, value, low, high) in ranges {
             if !(low..=high).contains(&value) {

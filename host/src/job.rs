@@ -26,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::assembly::{Assembler, AssemblyEvent, AssemblyLimits};
 use crate::capture::CaptureReader;
-use crate::config::{Config, JobTypeConfig, TrapPolicy};
+use crate::config::{Config, JobTypeConfig, LiveKitConfig, TrapPolicy};
 use crate::decode::{self, DecodeError, DecodeLimits, Frame};
+use crate::livekit::{self, LiveKitReport, LiveKitSource, LiveKitStats, PacketQueue, SessionError};
 use crate::queue::FrameQueue;
 use crate::sandbox::{CallError, JobInfo, Plugin, PluginLimits, PluginResult, Processor};
 use crate::source::{self, Pacing, PacketSink, SourceSpec};
@@ -104,6 +105,8 @@ pub struct JobSettings {
     pub max_restarts: u32,
     /// Time between [`JobEvent::Progress`] events.
     pub progress_interval: Duration,
+    /// How jobs whose source is a LiveKit room join it.
+    pub livekit: LiveKitConfig,
 }
 
 impl JobSettings {
@@ -117,6 +120,7 @@ impl JobSettings {
             on_trap: job_type.on_trap,
             max_restarts: job_type.max_restarts,
             progress_interval: Duration::from_secs(config.host.progress_interval_secs.max(1)),
+            livekit: config.livekit.clone(),
         }
     }
 }
@@ -162,6 +166,12 @@ pub struct JobReport {
     pub peak_rss_bytes: u64,
     /// True when the job was stopped before its source ended.
     pub stopped: bool,
+    /// What ended the job: `end_of_capture`, `stopped`, `source_left`, `server_leave`,
+    /// `room_moved`, `idle_timeout`, `max_duration`; empty while it runs.
+    pub ended_by: String,
+    /// The LiveKit session's counters, for jobs in a room.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub livekit: Option<LiveKitReport>,
     /// The plugin's own summary (from `finish`).
     pub summary: serde_json::Value,
 }
@@ -259,6 +269,9 @@ pub async fn run(
             }
         })?;
 
+    let livekit_stats =
+        matches!(spec.source, SourceSpec::LiveKit(_)).then(|| Arc::new(LiveKitStats::default()));
+
     // The path stops when the plugin side fails or the job is stopped.
     let path_stop = stop.child_token();
     let path_task = {
@@ -267,8 +280,11 @@ pub async fn run(
         let queue = queue.clone();
         let path_stop = path_stop.clone();
         let runtime = tokio::runtime::Handle::current();
+        let livekit = livekit_stats
+            .clone()
+            .map(|stats| (settings.livekit.clone(), stats));
         tokio::task::spawn_blocking(move || {
-            let outcome = feed(&source, path, &queue, &path_stop, &runtime);
+            let outcome = feed(&source, path, &queue, &path_stop, &runtime, livekit);
             queue.close();
             outcome
         })
@@ -302,9 +318,13 @@ pub async fn run(
         }),
         Err(_) => {
             tracing::error!(job_id = %spec.id, "The job's source did not stop within {PATH_EXIT_WAIT:?}; ending the job without it");
-            Ok(())
+            Ok("stopped")
         }
     };
+    let path_outcome = path_outcome.map(|ended_by| {
+        report.ended_by = ended_by.to_owned();
+    });
+    report.livekit = livekit_stats.map(|stats| stats.report());
 
     let finished = match outcome.and(path_outcome) {
         Ok(()) => {
@@ -316,6 +336,9 @@ pub async fn run(
     };
 
     report.stopped = stop.is_cancelled();
+    if report.stopped {
+        report.ended_by = "stopped".into();
+    }
     let processor = &plugin_side.processor;
     fill_report(
         &mut report,
@@ -478,15 +501,21 @@ async fn forward_results(
     }
 }
 
-/// Runs the source into the path until it ends or `stop` is cancelled.
+/// Runs the source into the path until it ends or `stop` is cancelled. Returns what ended
+/// it (see [`JobReport::ended_by`]).
 fn feed(
     source: &SourceSpec,
     mut path: Path,
     queue: &FrameQueue<Assembled>,
     stop: &CancellationToken,
     runtime: &tokio::runtime::Handle,
-) -> Result<(), JobError> {
+    livekit: Option<(LiveKitConfig, Arc<LiveKitStats>)>,
+) -> Result<&'static str, JobError> {
     match source {
+        SourceSpec::LiveKit(room) => {
+            let (config, stats) = livekit.expect("LiveKit jobs get LiveKit settings");
+            feed_room(room, &config, stats, path, queue, stop, runtime)
+        }
         SourceSpec::Capture {
             path: file,
             realtime,
@@ -517,7 +546,127 @@ fn feed(
                 sink_messages(&path, messages, queue, runtime, !*realtime, stop);
             }
             path.record_ignored();
-            end.map(drop)
+            end.map(|_| {
+                if stop.is_cancelled() {
+                    "stopped"
+                } else {
+                    "end_of_capture"
+                }
+            })
+        }
+    }
+}
+
+/// How often a live job checks its clocks (stream and message timeouts, idle, maximum
+/// duration) when no packet arrives.
+const LIVE_TICK: Duration = Duration::from_millis(250);
+
+/// Runs a LiveKit session into the path until the session ends, the job is stopped, no
+/// frame came for the idle timeout or the job reached its maximum duration.
+fn feed_room(
+    room: &LiveKitSource,
+    config: &LiveKitConfig,
+    stats: Arc<LiveKitStats>,
+    mut path: Path,
+    queue: &FrameQueue<Assembled>,
+    stop: &CancellationToken,
+    runtime: &tokio::runtime::Handle,
+) -> Result<&'static str, JobError> {
+    let job = config
+        .job(&path.job_id, room)
+        .map_err(|message| JobError::permanent("bad_job", message))?;
+    let (packets, mut arrivals) = PacketQueue::new(job.packet_queue_len, job.packet_queue_bytes);
+    let session_stop = stop.child_token();
+    let session = {
+        let counters = path.counters.clone();
+        let session_stop = session_stop.clone();
+        let session_config = job.session.clone();
+        runtime.spawn(async move {
+            livekit::session::run(&session_config, &packets, &stats, &counters, &session_stop).await
+        })
+    };
+
+    let started = Instant::now();
+    let mut last_frame = started;
+    let mut frames_seen = JobCounters::get(&path.counters.frames_in);
+    let mut ended_by = None;
+    let mut messages = Vec::new();
+    loop {
+        let next = runtime.block_on(async {
+            tokio::select! {
+                arrived = arrivals.recv() => Some(arrived),
+                _ = tokio::time::sleep(LIVE_TICK) => None,
+                _ = stop.cancelled() => None,
+            }
+        });
+        let now = Instant::now();
+        match next {
+            Some(Some(arrived)) => path.packet(arrived.packet, arrived.at, &mut messages),
+            // The session has ended and every packet it sent was taken.
+            Some(None) => break,
+            None => path.tick(now, &mut messages),
+        }
+        sink_messages(
+            &path,
+            std::mem::take(&mut messages),
+            queue,
+            runtime,
+            false,
+            stop,
+        );
+
+        let frames = JobCounters::get(&path.counters.frames_in);
+        if frames != frames_seen {
+            frames_seen = frames;
+            last_frame = now;
+        }
+        if stop.is_cancelled() {
+            ended_by = Some("stopped");
+        } else if now.duration_since(started) >= job.max_duration {
+            tracing::info!(job_id = %path.job_id, max_duration = ?job.max_duration, "The job reached its maximum duration");
+            ended_by = Some("max_duration");
+        } else if now.duration_since(last_frame) >= job.idle_timeout {
+            tracing::info!(job_id = %path.job_id, idle_timeout = ?job.idle_timeout, "No frame within the idle timeout; ending the job");
+            ended_by = Some("idle_timeout");
+        }
+        if ended_by.is_some() {
+            session_stop.cancel();
+            break;
+        }
+    }
+
+    // The session leaves the room; what it delivered before that still counts.
+    let outcome = runtime.block_on(session);
+    while let Ok(arrived) = arrivals.try_recv() {
+        path.packet(arrived.packet, arrived.at, &mut messages);
+    }
+    let end = Instant::now();
+    path.finish(end, &mut messages);
+    sink_messages(&path, messages, queue, runtime, false, stop);
+    path.record_ignored();
+
+    let end = match outcome {
+        Ok(Ok(end)) => end,
+        Ok(Err(error)) => return Err(session_error(error)),
+        Err(error) => {
+            return Err(JobError::permanent(
+                "internal",
+                format!("LiveKit session task failed: {error}"),
+            ));
+        }
+    };
+    tracing::info!(job_id = %path.job_id, ended_by = ended_by.unwrap_or(end.label()), detail = ?end, "Left the room");
+    Ok(ended_by.unwrap_or(end.label()))
+}
+
+fn session_error(error: SessionError) -> JobError {
+    match error {
+        SessionError::TokenRefused(_) => {
+            JobError::permanent("livekit_token_refused", error.to_string())
+        }
+        SessionError::Invalid(_) => JobError::permanent("bad_job", error.to_string()),
+        SessionError::Unreachable { .. } => {
+            JobError::transient("livekit_unreachable", error.to_string())
         }
     }
 }
@@ -649,6 +798,18 @@ impl Path {
             self.assembler.expire(now, &mut self.assembly_events);
         }
         self.streams.push(packet, now, &mut self.stream_events);
+        self.drain(now, out);
+    }
+
+    /// Expires streams and messages whose time is up, with no packet to prompt it: a live
+    /// source can fall silent.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Assembled>) {
+        if self.streams.next_deadline().is_some_and(|d| d <= now) {
+            self.streams.expire(now, &mut self.stream_events);
+        }
+        if self.assembler.next_deadline().is_some_and(|d| d <= now) {
+            self.assembler.expire(now, &mut self.assembly_events);
+        }
         self.drain(now, out);
     }
 

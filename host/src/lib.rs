@@ -16,6 +16,7 @@ pub mod config;
 pub mod decode;
 pub mod intake;
 pub mod job;
+pub mod livekit;
 pub mod queue;
 pub mod registry;
 pub mod sandbox;

@@ -1,7 +1,7 @@
 //! Sources: where a job's DataPackets come from.
 //!
-//! For now a capture file ([`crate::capture`]); a LiveKit room comes next and feeds the same
-//! [`PacketSink`]. A source knows nothing of what the packets carry.
+//! A capture file ([`crate::capture`]) or a LiveKit room ([`crate::livekit`]). A source knows
+//! nothing of what the packets carry.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -10,6 +10,7 @@ use livekit_protocol::DataPacket;
 use serde::{Deserialize, Serialize};
 
 use crate::capture::{CaptureError, CaptureReader};
+use crate::livekit::LiveKitSource;
 
 /// Where a job's packets come from, as a job names it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +25,9 @@ pub enum SourceSpec {
         #[serde(default)]
         realtime: bool,
     },
+    /// A LiveKit room, joined as a hidden, data-only participant.
+    #[serde(rename = "livekit")]
+    LiveKit(LiveKitSource),
 }
 
 impl SourceSpec {
@@ -34,6 +38,7 @@ impl SourceSpec {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            Self::LiveKit(room) => room.room.clone(),
         }
     }
 }

@@ -139,6 +139,12 @@ impl<W: Write> CaptureWriter<W> {
         Ok(())
     }
 
+    /// Pushes buffered records to the file, so a recording cut short keeps what it had.
+    pub fn flush(&mut self) -> Result<(), CaptureError> {
+        self.out.flush()?;
+        Ok(())
+    }
+
     pub fn records(&self) -> u64 {
         self.records
     }

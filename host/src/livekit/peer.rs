@@ -1,0 +1,205 @@
+//! The subscriber peer connection: one str0m [`Rtc`] and the UDP socket it talks through.
+//!
+//! str0m is sans-IO: it never touches a socket or a clock. [`Peer::io`] gives it one input
+//! (a datagram or a timeout), sends what it wants sent and keeps what it reports, so the
+//! session's loop decides when the peer runs and nothing here spawns a task.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::channel::ChannelId;
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+use tokio::net::UdpSocket;
+
+/// The data channel a LiveKit server sends reliable data packets on.
+pub const RELIABLE_LABEL: &str = "_reliable";
+
+/// Largest datagram read. Above any path MTU, so nothing arrives truncated.
+const DATAGRAM_BYTES: usize = 2048;
+
+/// What the peer reports to the session.
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// A message on `_reliable`: one encoded `DataPacket`.
+    Reliable(Vec<u8>),
+    /// `_reliable` is open; data can flow.
+    ReliableOpen,
+    /// A message on another channel (`_lossy`, `_data_track`): counted, not used.
+    Ignored,
+    Ice(IceConnectionState),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("UDP socket: {0}")]
+    Socket(#[from] std::io::Error),
+    #[error("WebRTC: {0}")]
+    Rtc(#[from] str0m::RtcError),
+    #[error("bad SDP from the server: {0}")]
+    Sdp(String),
+    #[error("bad ICE candidate from the server: {0}")]
+    Candidate(String),
+}
+
+pub struct Peer {
+    rtc: Rtc,
+    socket: UdpSocket,
+    local: SocketAddr,
+    candidate: Candidate,
+    reliable: Option<ChannelId>,
+    events: Vec<PeerEvent>,
+    buf: Vec<u8>,
+}
+
+impl Peer {
+    /// Binds a UDP socket on the interface the kernel routes toward `server` through, and
+    /// makes a peer with that one host candidate.
+    ///
+    /// A data-only subscriber needs no STUN or TURN: it sends the connectivity checks
+    /// itself, and a server behind any NAT learns the address they come from.
+    pub async fn bind(server: IpAddr) -> Result<Self, PeerError> {
+        super::install_crypto();
+        let local_ip = route_to(server).await?;
+        let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
+        let local = socket.local_addr()?;
+        let candidate = Candidate::host(local, "udp")
+            .map_err(|e| PeerError::Candidate(format!("local {local}: {e}")))?;
+        let mut rtc = RtcConfig::new().build(Instant::now());
+        rtc.add_local_candidate(candidate.clone())
+            .ok_or_else(|| PeerError::Candidate(format!("local {local} refused")))?;
+        Ok(Self {
+            rtc,
+            socket,
+            local,
+            candidate,
+            reliable: None,
+            events: Vec::new(),
+            buf: vec![0; DATAGRAM_BYTES],
+        })
+    }
+
+    /// Our candidate, as the `candidate:` line a trickle carries.
+    pub fn local_candidate(&self) -> String {
+        self.candidate.to_sdp_string()
+    }
+
+    /// Answers the server's offer. A second offer (after a resume) with new ICE credentials
+    /// restarts ICE; DTLS, SCTP and the open channels carry on.
+    pub fn accept_offer(&mut self, sdp: &str) -> Result<String, PeerError> {
+        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| PeerError::Sdp(e.to_string()))?;
+        let answer: SdpAnswer = self.rtc.sdp_api().accept_offer(offer)?;
+        Ok(answer.to_sdp_string())
+    }
+
+    /// Adds a candidate the server trickled (`candidate:...`, with or without the prefix).
+    pub fn add_remote_candidate(&mut self, line: &str) -> Result<(), PeerError> {
+        let line = line.trim();
+        if line.is_empty() {
+            return Ok(());
+        }
+        let line = if line.starts_with("candidate:") {
+            line.to_owned()
+        } else {
+            format!("candidate:{line}")
+        };
+        let candidate =
+            Candidate::from_sdp_string(&line).map_err(|e| PeerError::Candidate(e.to_string()))?;
+        self.rtc.add_remote_candidate(candidate);
+        Ok(())
+    }
+
+    pub fn reliable_open(&self) -> bool {
+        self.reliable.is_some()
+    }
+
+    /// Events since the last call.
+    pub fn take_events(&mut self) -> std::vec::Drain<'_, PeerEvent> {
+        self.events.drain(..)
+    }
+
+    /// Waits for one datagram or the peer's next timer, feeds it in, and sends what comes
+    /// out. Cancel-safe: dropped before anything arrived, it has changed nothing.
+    pub async fn io(&mut self) -> Result<(), PeerError> {
+        let deadline = self.flush()?;
+        let input = tokio::select! {
+            received = self.socket.recv_from(&mut self.buf) => Some(received?),
+            _ = tokio::time::sleep_until(deadline.into()) => None,
+        };
+        let now = Instant::now();
+        match input {
+            Some((len, source)) => {
+                let Ok(contents) = self.buf[..len].try_into() else {
+                    // Not STUN, DTLS or RTP: a stray datagram, not the peer's problem.
+                    tracing::debug!(%source, len, "Ignoring a datagram that is not WebRTC");
+                    return Ok(());
+                };
+                self.rtc.handle_input(Input::Receive(
+                    now,
+                    Receive {
+                        proto: Protocol::Udp,
+                        source,
+                        destination: self.local,
+                        contents,
+                    },
+                ))?;
+            }
+            None => self.rtc.handle_input(Input::Timeout(now))?,
+        }
+        self.flush()?;
+        Ok(())
+    }
+
+    /// Runs the peer's output until it asks to wait; returns until when.
+    fn flush(&mut self) -> Result<Instant, PeerError> {
+        loop {
+            match self.rtc.poll_output()? {
+                Output::Timeout(at) => return Ok(at),
+                Output::Transmit(transmit) => {
+                    // UDP may drop; a full socket buffer is just that. ICE and SCTP resend.
+                    let _ = self
+                        .socket
+                        .try_send_to(&transmit.contents, transmit.destination);
+                }
+                Output::Event(event) => self.event(event),
+            }
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::ChannelOpen(id, label) => {
+                if label == RELIABLE_LABEL {
+                    self.reliable = Some(id);
+                    self.events.push(PeerEvent::ReliableOpen);
+                } else {
+                    tracing::debug!(%label, "Ignoring data channel");
+                }
+            }
+            Event::ChannelData(data) => {
+                if Some(data.id) == self.reliable {
+                    self.events.push(PeerEvent::Reliable(data.data));
+                } else {
+                    self.events.push(PeerEvent::Ignored);
+                }
+            }
+            Event::ChannelClose(id) if Some(id) == self.reliable => self.reliable = None,
+            Event::IceConnectionStateChange(state) => self.events.push(PeerEvent::Ice(state)),
+            _ => {}
+        }
+    }
+}
+
+/// The local address the kernel would send from toward `server`. Connecting a UDP socket
+/// sends nothing; it only picks the route.
+async fn route_to(server: IpAddr) -> std::io::Result<IpAddr> {
+    let unspecified: IpAddr = if server.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let probe = UdpSocket::bind(SocketAddr::new(unspecified, 0)).await?;
+    probe.connect(SocketAddr::new(server, 9)).await?;
+    Ok(probe.local_addr()?.ip())
+}
