@@ -639,6 +639,40 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_lists_valid_options() {
+        let config: Config = toml::from_str(include_str!("../../examples/framehost.toml"))
+            .expect("examples/framehost.toml parses");
+        config.validate().unwrap();
+        assert_eq!(config.livekit.retry_attempts, 10);
+    }
+
+    #[test]
+    fn a_room_job_needs_a_url_and_credentials() {
+        let source: LiveKitSource = serde_json::from_str(r#"{"room": "r1"}"#).unwrap();
+        let mut lk = LiveKitConfig::default();
+        let err = lk.job("j", &source).unwrap_err();
+        assert!(err.contains("no LiveKit url"), "{err}");
+        lk.url = Some("ws://127.0.0.1:7880".into());
+        let err = lk.job("j", &source).unwrap_err();
+        assert!(err.contains("no LiveKit token"), "{err}");
+        lk.api_key = Some("key".into());
+        lk.api_secret = Some(Secret::new("secret"));
+        let job = lk.job("j", &source).unwrap();
+        assert!(
+            matches!(job.session.credentials, Credentials::Mint { ref identity, .. } if identity == "framehost-j")
+        );
+        assert_eq!(job.idle_timeout, Duration::from_secs(120));
+        // A job's token wins, and never shows in a debug print.
+        let source: LiveKitSource =
+            serde_json::from_str(r#"{"room": "r1", "token": "jwt-text", "idle_timeout_secs": 5}"#)
+                .unwrap();
+        let job = lk.job("j", &source).unwrap();
+        assert!(matches!(job.session.credentials, Credentials::Token(_)));
+        assert_eq!(job.idle_timeout, Duration::from_secs(5));
+        assert!(!format!("{job:?} {source:?}").contains("jwt-text"));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(toml::from_str::<Config>("[host]\nmax_job = 3").is_err());
         let config: Config =
