@@ -6,6 +6,8 @@
 //!   (their status, results, the work queue and the dead-letter stream).
 //! - [`artifacts`]: where the binary and the plugins are, built before the tests run.
 //! - [`captures`]: small synthetic capture files.
+//! - [`livekit`]: a LiveKit server double that speaks the real protocol, and a stream generator
+//!   that plays the upstream vision service through it.
 //!
 //! Every wait is bounded; a timeout or a failed expectation panics with what was expected
 //! and the tail of each host's log.
@@ -15,6 +17,7 @@ pub mod captures;
 mod cluster;
 mod host_process;
 mod jobs;
+pub mod livekit;
 mod nats_server;
 
 pub use cluster::{Cluster, within};

@@ -257,6 +257,76 @@ pub fn synth(
     })
 }
 
+/// Frame messages made ahead of time, for generators that send frames live and cannot
+/// afford a frame's image work on each frame (the tests' LiveKit stream generator).
+#[derive(Debug, Clone)]
+pub struct RenderedFrames {
+    pub width: u32,
+    pub height: u32,
+    pub jpeg_quality: u8,
+    /// One message a frame, shaped as [`synth`] writes them; frame `i` is stamped `i / fps`
+    /// after 2026-01-01T00:00:00Z.
+    pub messages: Vec<String>,
+}
+
+/// Renders the first `count` frames of the synthetic scene as frame messages, with the
+/// photographs, moving objects, frame size and JPEG quality [`synth`] would use.
+/// `options.frames` and `options.detections` are not used.
+pub fn render_messages(options: &SynthOptions, count: u32) -> Result<RenderedFrames, SynthError> {
+    if count == 0 || options.image_kib == 0 {
+        return Err(SynthError::Invalid(
+            "count and image-kib must be positive".into(),
+        ));
+    }
+    if !(0.001..=1000.0).contains(&options.fps) {
+        return Err(SynthError::Invalid(
+            "fps must be between 0.001 and 1000".into(),
+        ));
+    }
+    let (width, height) = options.size.unwrap_or_else(|| size_for(options.image_kib));
+    if width < 16 || height < 16 || width > 8192 || height > 8192 {
+        return Err(SynthError::Invalid(format!(
+            "frame size {width}x{height} is out of range"
+        )));
+    }
+
+    let photos: Vec<RgbImage> = PHOTOS
+        .iter()
+        .map(|bytes| image::load_from_memory(bytes).map(|i| i.to_rgb8()))
+        .collect::<Result<_, _>>()?;
+    let mut scene = Scene::new(options, width, height);
+    let quality = pick_quality(
+        &render(&photos, 0, count, width, height, &scene.objects()),
+        options.image_kib as usize * 1024,
+    )?;
+
+    let start_ms = 1_767_225_600_000i64; // 2026-01-01T00:00:00Z, as in synth
+    let mut messages = Vec::with_capacity(count as usize);
+    for index in 0..count {
+        let objects = scene.step();
+        let jpeg = encode(
+            &render(&photos, index, count, width, height, &objects),
+            quality,
+        )?;
+        let at = Duration::from_secs_f64(index as f64 / options.fps);
+        let timestamp_ms = start_ms + at.as_millis() as i64;
+        messages.push(frame_message(
+            &objects,
+            &jpeg,
+            width,
+            height,
+            options.fps,
+            timestamp_ms,
+        ));
+    }
+    Ok(RenderedFrames {
+        width,
+        height,
+        jpeg_quality: quality,
+        messages,
+    })
+}
+
 /// The frame's message, shaped like the upstream service's.
 fn frame_message(
     objects: &[Object],
@@ -299,7 +369,7 @@ fn frame_message(
 }
 
 /// Splits a message into `parts` pieces of nearly equal length, on character boundaries.
-fn split_parts(message: &str, parts: usize) -> impl Iterator<Item = &str> {
+pub fn split_parts(message: &str, parts: usize) -> impl Iterator<Item = &str> {
     let target = message.len().div_ceil(parts).max(1);
     let mut rest = message;
     (0..parts).map(move |i| {
@@ -550,7 +620,7 @@ fn read_mot(path: &Path) -> Result<Vec<Vec<Object>>, SynthError> {
 }
 
 /// RFC 3339 in UTC with milliseconds, for the sender's `timestamp` field.
-fn chrono_like(unix_ms: i64) -> String {
+pub fn chrono_like(unix_ms: i64) -> String {
     let secs = unix_ms.div_euclid(1000);
     let ms = unix_ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);
