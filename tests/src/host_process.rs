@@ -45,6 +45,17 @@ impl HostProcess {
             .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
             .env_remove("FRAMEHOST_NATS_URL")
             .env_remove("FRAMEHOST_CONFIG")
+            // The host's LiveKit settings come from the test's config only.
+            .env_remove("LIVEKIT_API_KEY")
+            .env_remove("LIVEKIT_API_SECRET")
+            // livekit-signaling sends even loopback WebSockets through a proxy variable's
+            // proxy (it reads no NO_PROXY): tests talk to their own double directly.
+            .env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -1,0 +1,510 @@
+//! Jobs whose source is a LiveKit room: a real nats-server, the `framehost serve` binary, the
+//! tracker plugin, and the LiveKit protocol double with the stream generator playing the
+//! upstream vision service.
+//!
+//! The host is a separate process; it joins the double over loopback exactly as it would
+//! join a LiveKit server (WebSocket signal, str0m peer, DTLS/SCTP data channel).
+
+use std::time::Duration;
+
+use framehost::intake::{JobState, JobStatus};
+use framehost::job::{FailureKind, JobReport, JobSpec};
+use framehost::livekit::{LiveKitSource, Secret};
+use framehost::source::SourceSpec;
+use framehost_tests::livekit::generator::{Fault, StreamGenerator, StreamOptions};
+use framehost_tests::livekit::{DisconnectReason, DoubleOptions, LeaveAction, LiveKitDouble};
+use framehost_tests::{Cluster, JobWatch, artifacts};
+
+/// From submission to the final status: generous for a debug host on a busy two-core
+/// machine; a hang is what it catches.
+const JOB: Duration = Duration::from_secs(120);
+/// For the host to join the room and open the data channel.
+const JOIN: Duration = Duration::from_secs(60);
+const SOURCE: &str = "vision-service";
+
+/// A cluster whose hosts serve `track` with the tracker and know the double.
+async fn cluster(double: &LiveKitDouble) -> Cluster {
+    let mut c = Cluster::start().await;
+    c.serve_job_type("track", artifacts::tracker());
+    let lk = &mut c.config.livekit;
+    lk.url = Some(double.url());
+    lk.api_key = Some("devkey".into());
+    lk.api_secret = Some(Secret::new("secret"));
+    // A publisher that left is gone for good in these tests.
+    lk.source_grace_ms = 300;
+    lk.retry_initial_delay_ms = 100;
+    lk.retry_max_delay_ms = 1_000;
+    c
+}
+
+fn room_job(id: &str, room: &str) -> JobSpec {
+    JobSpec {
+        id: id.into(),
+        job_type: "track".into(),
+        source: SourceSpec::LiveKit(LiveKitSource {
+            room: room.into(),
+            url: None,
+            token: None,
+            source_identity: Some(SOURCE.into()),
+            max_duration_secs: None,
+            idle_timeout_secs: None,
+        }),
+        config: serde_json::json!({}),
+    }
+}
+
+fn frames(n: u64, fps: f64) -> StreamOptions {
+    StreamOptions {
+        fps,
+        frames: Some(n),
+        image_kib: 30,
+        ..Default::default()
+    }
+}
+
+async fn final_status(c: &Cluster, watch: &mut JobWatch) -> JobStatus {
+    c.within(JOB, "the job's final status", watch.until_final())
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"))
+}
+
+fn report(c: &Cluster, status: &JobStatus) -> JobReport {
+    status
+        .report
+        .clone()
+        .unwrap_or_else(|| c.fail(format!("no report in {status:?}")))
+}
+
+/// The whole story: a job on NATS joins the room as a hidden subscriber that advertises
+/// what the path supports, tracks every frame the publisher sends, publishes results, ends
+/// when the publisher leaves, and leaves the room itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_job_runs_until_the_publisher_leaves() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    c.start_host("host-a").await;
+    let generator = StreamGenerator::new(frames(40, 10.0)).unwrap();
+
+    let spec = room_job("room-ok", "cam-1");
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.within(
+        JOIN,
+        "the host to join cam-1",
+        double.wait_subscribers("cam-1", 1, JOIN),
+    )
+    .await;
+    let sent = generator.run(&double.publisher("cam-1", SOURCE)).await;
+
+    let last = final_status(&c, &mut watch).await;
+    c.check(
+        last.state == JobState::Finished,
+        format!("expected Finished, got {last:?}"),
+    );
+    let r = report(&c, &last);
+    c.check(
+        sent.frames == 40
+            && r.frames_in == 40
+            && r.frames_processed == 40
+            && r.frames_rejected.is_empty()
+            && r.results == 40
+            && r.ended_by == "source_left",
+        format!("expected all 40 frames tracked and source_left; sent {sent:?}, report {r:?}"),
+    );
+    c.check(
+        r.summary["tracks_confirmed"].as_u64().unwrap_or(0) > 0,
+        format!("the tracker confirmed no track: {}", r.summary),
+    );
+    let lk = r.livekit.clone().unwrap_or_default();
+    c.check(
+        lk.packets == sent.packets && lk.duplicates == 0 && lk.queue_full == 0,
+        format!("every packet sent should arrive once; sent {sent:?}, livekit {lk:?}"),
+    );
+    let tracked = watch
+        .buffered_results()
+        .iter()
+        .filter(|r| r.frame.is_some())
+        .count();
+    c.check(
+        tracked == 40,
+        format!("expected 40 per-frame results on NATS, got {tracked}"),
+    );
+
+    let joins = double.joins();
+    let join = joins
+        .iter()
+        .find(|j| j.room == "cam-1")
+        .unwrap_or_else(|| c.fail("the double saw no join"));
+    c.check(
+        join.identity == "framehost-room-ok"
+            && join.grants.hidden
+            && join.grants.can_subscribe == Some(true)
+            && join.grants.can_publish == Some(false)
+            && join.grants.can_publish_data == Some(false),
+        format!("the host should join hidden, subscribe-only: {join:?}"),
+    );
+    c.check(
+        join.param("client_protocol") == Some("2")
+            && join.param("capabilities") == Some("CAP_COMPRESSION_DEFLATE_RAW")
+            && join.param("auto_subscribe") == Some("0"),
+        format!("the host should advertise data streams v2 and deflate only: {join:?}"),
+    );
+    c.within(Duration::from_secs(10), "the host's leave", async {
+        while double.leaves_received("cam-1") == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    c.wait_queue_empty("the job is acked").await;
+}
+
+/// The signal connection drops twice mid-job (a clean close, then an abrupt one): the host
+/// resumes each time, the data channel carries on, and no frame is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_signal_connection_is_resumed_without_losing_the_job() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    c.start_host("host-a").await;
+    let generator = StreamGenerator::new(frames(60, 10.0)).unwrap();
+
+    let spec = room_job("room-resume", "cam-2");
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.within(
+        JOIN,
+        "the host to join cam-2",
+        double.wait_subscribers("cam-2", 1, JOIN),
+    )
+    .await;
+    let running = generator.spawn(double.publisher("cam-2", SOURCE));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    double.close_signal("cam-2");
+    c.within(JOIN, "the first resume", async {
+        while double.resumes("cam-2") < 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    double.drop_signal("cam-2");
+    let sent = running.finish().await;
+
+    let last = final_status(&c, &mut watch).await;
+    let r = report(&c, &last);
+    let lk = r.livekit.clone().unwrap_or_default();
+    c.check(
+        last.state == JobState::Finished
+            && r.ended_by == "source_left"
+            && r.frames_processed == sent.frames
+            && lk.resumes >= 2
+            && lk.rejoins == 0,
+        format!(
+            "expected every frame processed across two resumes and no rejoin; sent {sent:?}, status {last:?}"
+        ),
+    );
+    c.check(
+        double.resumes("cam-2") >= 2 && !double.sync_states("cam-2").is_empty(),
+        "the double should have seen two resumes with a sync_state",
+    );
+}
+
+/// The server stops answering pings: the host's ping timeout closes the signal and it
+/// resumes; the job goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_is_detected_by_ping_timeout_and_resumed() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    c.start_host("host-a").await;
+    let generator = StreamGenerator::new(frames(60, 10.0)).unwrap();
+
+    let spec = room_job("room-pings", "cam-3");
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.within(
+        JOIN,
+        "the host to join cam-3",
+        double.wait_subscribers("cam-3", 1, JOIN),
+    )
+    .await;
+    let running = generator.spawn(double.publisher("cam-3", SOURCE));
+    double.stop_pongs("cam-3", true);
+    c.within(JOIN, "a resume after the ping timeout", async {
+        while double.resumes("cam-3") < 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    double.stop_pongs("cam-3", false);
+    let sent = running.finish().await;
+
+    let last = final_status(&c, &mut watch).await;
+    let r = report(&c, &last);
+    c.check(
+        last.state == JobState::Finished && r.frames_processed == sent.frames,
+        format!("expected every frame processed; sent {sent:?}, status {last:?}"),
+    );
+}
+
+/// A chunk that never arrives and a stream that never ends are counted by reason; the
+/// frames around them are processed and the job finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_gap_and_a_missing_trailer_are_counted_and_the_job_goes_on() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    // Unfinished streams are given up on after a second rather than ten.
+    c.config.streams.idle_timeout_ms = 1_000;
+    c.start_host("host-a").await;
+    // Images big enough that every part is chunked, so there are chunks to lose.
+    let generator = StreamGenerator::new(StreamOptions {
+        image_kib: 60,
+        faults: vec![Fault::DropChunk(5), Fault::NoTrailer(12)],
+        ..frames(30, 10.0)
+    })
+    .unwrap();
+
+    let spec = room_job("room-faults", "cam-4");
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.within(
+        JOIN,
+        "the host to join cam-4",
+        double.wait_subscribers("cam-4", 1, JOIN),
+    )
+    .await;
+    let sent = generator.run(&double.publisher("cam-4", SOURCE)).await;
+
+    let last = final_status(&c, &mut watch).await;
+    let r = report(&c, &last);
+    c.check(
+        last.state == JobState::Finished && sent.withheld > 0,
+        format!("expected Finished; sent {sent:?}, status {last:?}"),
+    );
+    c.check(
+        r.frames_rejected.get("chunk_gap").copied().unwrap_or(0) >= 1
+            && r.frames_rejected.get("idle_timeout").copied().unwrap_or(0) >= 1,
+        format!("expected a chunk_gap and an idle_timeout (missing trailer); got {r:?}"),
+    );
+    c.check(
+        r.frames_processed == 28,
+        format!("the 28 intact frames should be processed; got {r:?}"),
+    );
+}
+
+/// Ten rooms at once on one host, each with its own publisher: every job tracks its own
+/// room's frames and ends when its publisher leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_rooms_at_once_on_one_host() {
+    const ROOMS: usize = 10;
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    c.config.host.max_jobs = ROOMS;
+    c.start_host("host-a").await;
+    let generator = StreamGenerator::new(StreamOptions {
+        image_kib: 20,
+        ..frames(20, 4.0)
+    })
+    .unwrap();
+
+    let mut watches = Vec::new();
+    for i in 0..ROOMS {
+        let spec = room_job(&format!("room-many-{i}"), &format!("many-{i}"));
+        watches.push(c.watch(&spec.id).await);
+        c.submit(&spec).await;
+    }
+    let mut running = Vec::new();
+    for i in 0..ROOMS {
+        let room = format!("many-{i}");
+        c.within(
+            JOIN,
+            format!("the host to join {room}"),
+            double.wait_subscribers(&room, 1, JOIN),
+        )
+        .await;
+        running.push(generator.spawn(double.publisher(&room, SOURCE)));
+    }
+    for run in running {
+        let sent = run.finish().await;
+        assert_eq!(sent.frames, 20);
+    }
+    for (i, watch) in watches.iter_mut().enumerate() {
+        let last = final_status(&c, watch).await;
+        let r = report(&c, &last);
+        c.check(
+            last.state == JobState::Finished
+                && r.frames_processed == 20
+                && r.ended_by == "source_left",
+            format!("room {i}: expected 20 frames and source_left, got {last:?}"),
+        );
+    }
+}
+
+/// A host whose API secret is wrong is refused by the server; the job fails permanently
+/// with that reason, the server's own words, and is dead-lettered, not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_fails_the_job_with_that_reason() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    c.config.livekit.api_secret = Some(Secret::new("not-the-secret"));
+    c.start_host("host-a").await;
+
+    let spec = room_job("room-refused", "cam-5");
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    let last = final_status(&c, &mut watch).await;
+    c.check(
+        last.state == JobState::Failed
+            && last.reason.as_deref() == Some("livekit_token_refused")
+            && last.kind == Some(FailureKind::Permanent)
+            && last.error.as_deref().is_some_and(|e| e.contains("401")),
+        format!("expected a permanent livekit_token_refused with the 401, got {last:?}"),
+    );
+    c.check(
+        !double.refusals().is_empty() && double.subscribers("cam-5") == 0,
+        "the double should have refused the token",
+    );
+    c.wait_dead_letter("room-refused").await;
+    let logs = c.logs();
+    c.check(
+        !logs.contains("not-the-secret"),
+        "the secret must never appear in the host's log",
+    );
+}
+
+/// The server closes the room: the job ends at once, as finished, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_room_closing_ends_the_job() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    c.start_host("host-a").await;
+    let generator = StreamGenerator::new(StreamOptions {
+        leave_at_end: false,
+        ..frames(10, 10.0)
+    })
+    .unwrap();
+
+    let spec = room_job("room-closed", "cam-6");
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.within(
+        JOIN,
+        "the host to join cam-6",
+        double.wait_subscribers("cam-6", 1, JOIN),
+    )
+    .await;
+    let publisher = double.publisher("cam-6", SOURCE);
+    generator.run(&publisher).await;
+    // Let the last frame reach the host before the room goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    double.send_leave(
+        "cam-6",
+        LeaveAction::Disconnect,
+        DisconnectReason::RoomDeleted,
+    );
+
+    let last = final_status(&c, &mut watch).await;
+    let r = report(&c, &last);
+    c.check(
+        last.state == JobState::Finished
+            && r.ended_by == "server_leave"
+            && r.frames_processed == 10,
+        format!("expected Finished by server_leave with 10 frames, got {last:?}"),
+    );
+}
+
+/// A room where nothing is ever published ends at the job's idle timeout; a stop request
+/// ends another at once. Both leave the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_rooms_time_out_and_stop_requests_end_room_jobs() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    c.start_host("host-a").await;
+
+    let mut idle = room_job("room-idle", "cam-7");
+    if let SourceSpec::LiveKit(room) = &mut idle.source {
+        room.idle_timeout_secs = Some(2);
+    }
+    let stopped = room_job("room-stopped", "cam-8");
+    let mut idle_watch = c.watch(&idle.id).await;
+    let mut stop_watch = c.watch(&stopped.id).await;
+    c.submit(&idle).await;
+    c.submit(&stopped).await;
+    c.within(
+        JOIN,
+        "the host to join cam-8",
+        double.wait_subscribers("cam-8", 1, JOIN),
+    )
+    .await;
+    c.client
+        .request(
+            c.nats_config().control_subject("room-stopped"),
+            "stop".into(),
+        )
+        .await
+        .unwrap_or_else(|e| c.fail(format!("stop request: {e}")));
+
+    let last = final_status(&c, &mut stop_watch).await;
+    c.check(
+        last.state == JobState::Stopped && report(&c, &last).ended_by == "stopped",
+        format!("expected Stopped, got {last:?}"),
+    );
+    let last = final_status(&c, &mut idle_watch).await;
+    c.check(
+        last.state == JobState::Finished && report(&c, &last).ended_by == "idle_timeout",
+        format!("expected Finished by idle_timeout, got {last:?}"),
+    );
+    c.check(
+        double.leaves_received("cam-7") == 1 && double.leaves_received("cam-8") == 1,
+        "both jobs should have left their rooms",
+    );
+}
+
+/// No server at the URL: the job fails as transient after its retry budget and is
+/// redelivered, not dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_fails_the_job_as_transient() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    // A port nothing listens on: bind one, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    c.config.livekit.url = Some(format!("ws://127.0.0.1:{port}"));
+    c.config.livekit.retry_attempts = 2;
+    c.config.nats.nak_delay_secs = 60;
+    c.start_host("host-a").await;
+
+    let spec = room_job("room-unreachable", "cam-9");
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    let last = final_status(&c, &mut watch).await;
+    c.check(
+        last.state == JobState::Failed
+            && last.reason.as_deref() == Some("livekit_unreachable")
+            && last.kind == Some(FailureKind::Transient),
+        format!("expected a transient livekit_unreachable, got {last:?}"),
+    );
+    c.check(
+        c.jobs_in_queue().await == 1 && c.dead_letter("room-unreachable").await.is_none(),
+        "a transient failure stays in the queue for redelivery",
+    );
+}
