@@ -23,9 +23,13 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `target/debug/framehost`.
+/// `target/debug/framehost`, or the binary `$FRAMEHOST_BIN` names (benchmarks run the
+/// release build).
 pub fn framehost_bin() -> PathBuf {
-    let path = target_dir().join("debug").join("framehost");
+    let path = match std::env::var_os("FRAMEHOST_BIN") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => target_dir().join("debug").join("framehost"),
+    };
     if !path.is_file() {
         panic!(
             "the framehost binary is missing at {}: run `cargo build -p framehost` first \

@@ -69,6 +69,11 @@ impl HostProcess {
         })
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The host name it reports in status messages.
     pub fn name(&self) -> &str {
         &self.name
