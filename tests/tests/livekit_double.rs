@@ -504,11 +504,18 @@ async fn data_keeps_flowing_over_a_resume() {
     let identity = &user.participant_identity;
     assert_eq!(identity, "vision-service");
 
+    // Addressed to someone else: not forwarded here, though it takes a sequence.
+    let elsewhere = proto::DataPacket {
+        destination_identities: vec!["someone-else".into()],
+        ..packet(9)
+    };
+    assert_eq!(source.send(elsewhere).await, 0);
+
     double.close_signal(ROOM);
     subscriber.resume().await;
-    source.send(packet(2)).await;
+    assert_eq!(source.send(packet(2)).await, 1);
     let after = subscriber.receive(1).await;
-    assert_eq!(after[0].sequence, 2);
+    assert_eq!(after[0].sequence, 3);
     assert_eq!(double.resumes(ROOM), 1);
 }
 

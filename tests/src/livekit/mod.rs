@@ -357,7 +357,8 @@ impl Publisher {
         &self.sid
     }
 
-    /// Forwards `packet` to every subscriber taking data, as the server would: with this
+    /// Forwards `packet` to every subscriber taking data (only those named in its
+    /// `destination_identities`, if any), as the server would: with this
     /// publisher's identity and sid, the next sequence (from 1) and kind `RELIABLE`. Waits
     /// while a subscriber's queue is full. Returns how many subscribers it was queued for.
     pub async fn send(&self, packet: proto::DataPacket) -> usize {
@@ -368,8 +369,11 @@ impl Publisher {
     /// [`send`](Self::send) with a chosen sequence, which leaves the publisher's own counter
     /// alone: to replay a packet (a duplicate) or reorder packets after numbering them.
     pub async fn send_with_sequence(&self, packet: proto::DataPacket, sequence: u32) -> usize {
+        let peers = self
+            .double
+            .shared()
+            .ready_peers(&self.room, &packet.destination_identities);
         let bytes = self.stamp(packet, sequence);
-        let peers = self.double.shared().ready_peers(&self.room);
         let sent = futures::future::join_all(peers.iter().map(|peer| peer.send(bytes.clone())));
         sent.await.into_iter().filter(|queued| *queued).count()
     }
@@ -378,8 +382,11 @@ impl Publisher {
     /// counting it, instead of waiting.
     pub fn try_send(&self, packet: proto::DataPacket) -> usize {
         let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+        let peers = self
+            .double
+            .shared()
+            .ready_peers(&self.room, &packet.destination_identities);
         let bytes = self.stamp(packet, sequence);
-        let peers = self.double.shared().ready_peers(&self.room);
         peers
             .iter()
             .filter(|peer| peer.try_send(bytes.clone()))

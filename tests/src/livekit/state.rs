@@ -448,12 +448,14 @@ impl Shared {
         });
     }
 
-    /// The peers of the subscribers that take data now.
-    pub fn ready_peers(&self, room: &str) -> Vec<PeerHandle> {
+    /// The peers of the subscribers that take data now: all of them, or those whose
+    /// identity is in `destinations` if it is not empty.
+    pub fn ready_peers(&self, room: &str, destinations: &[String]) -> Vec<PeerHandle> {
         self.with_room(room, |room| {
             room.subscribers
                 .values()
                 .filter(|s| s.peer.is_ready())
+                .filter(|s| destinations.is_empty() || destinations.contains(&s.info.identity))
                 .map(|s| s.peer.clone())
                 .collect()
         })
