@@ -251,7 +251,8 @@ async fn a_silent_server_is_detected_by_ping_timeout_and_resumed() {
     );
 }
 
-/// A chunk that never arrives and a stream that never ends are counted by reason; the
+/// A chunk that never arrives, a stream that never ends and two chunks swapped in flight
+/// are counted by reason; a packet the server delivers twice is dropped as a duplicate; the
 /// frames around them are processed and the job finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_gap_and_a_missing_trailer_are_counted_and_the_job_goes_on() {
@@ -265,7 +266,12 @@ async fn a_chunk_gap_and_a_missing_trailer_are_counted_and_the_job_goes_on() {
     // Images big enough that every part is chunked, so there are chunks to lose.
     let generator = StreamGenerator::new(StreamOptions {
         image_kib: 60,
-        faults: vec![Fault::DropChunk(5), Fault::NoTrailer(12)],
+        faults: vec![
+            Fault::DropChunk(5),
+            Fault::NoTrailer(12),
+            Fault::Reorder(20),
+        ],
+        leave_at_end: false,
         ..frames(30, 10.0)
     })
     .unwrap();
@@ -279,7 +285,13 @@ async fn a_chunk_gap_and_a_missing_trailer_are_counted_and_the_job_goes_on() {
         double.wait_subscribers("cam-4", 1, JOIN),
     )
     .await;
-    let sent = generator.run(&double.publisher("cam-4", SOURCE)).await;
+    let publisher = double.publisher("cam-4", SOURCE);
+    let sent = generator.run(&publisher).await;
+    // A replay of an early packet, as a server's room cache replay would send it: the
+    // sequence says the host has had it.
+    publisher.send_with_sequence(Default::default(), 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publisher.leave();
 
     let last = final_status(&c, &mut watch).await;
     let r = report(&c, &last);
@@ -288,13 +300,21 @@ async fn a_chunk_gap_and_a_missing_trailer_are_counted_and_the_job_goes_on() {
         format!("expected Finished; sent {sent:?}, status {last:?}"),
     );
     c.check(
-        r.frames_rejected.get("chunk_gap").copied().unwrap_or(0) >= 1
+        r.frames_rejected.get("chunk_gap").copied().unwrap_or(0) >= 2
             && r.frames_rejected.get("idle_timeout").copied().unwrap_or(0) >= 1,
-        format!("expected a chunk_gap and an idle_timeout (missing trailer); got {r:?}"),
+        format!(
+            "expected chunk_gaps (the lost and the swapped chunk) and an idle_timeout (the \
+             missing trailer); got {r:?}"
+        ),
     );
     c.check(
-        r.frames_processed == 28,
-        format!("the 28 intact frames should be processed; got {r:?}"),
+        r.frames_processed == 27,
+        format!("the 27 intact frames should be processed; got {r:?}"),
+    );
+    let lk = r.livekit.clone().unwrap_or_default();
+    c.check(
+        lk.duplicates == 1,
+        format!("the replayed packet should be dropped as a duplicate; got {lk:?}"),
     );
 }
 
@@ -507,4 +527,151 @@ async fn an_unreachable_server_fails_the_job_as_transient() {
         c.jobs_in_queue().await == 1 && c.dead_letter("room-unreachable").await.is_none(),
         "a transient failure stays in the queue for redelivery",
     );
+}
+
+/// The server refuses the resume (it lost our session): the host joins again from scratch,
+/// keeps the job, and still sees the publisher leave on the new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_resume_falls_back_to_a_full_rejoin() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    c.start_host("host-a").await;
+    let generator = StreamGenerator::new(frames(60, 10.0)).unwrap();
+
+    let spec = room_job("room-rejoin", "cam-10");
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.within(
+        JOIN,
+        "the host to join cam-10",
+        double.wait_subscribers("cam-10", 1, JOIN),
+    )
+    .await;
+    double.refuse_resume(true);
+    let running = generator.spawn(double.publisher("cam-10", SOURCE));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    double.close_signal("cam-10");
+    let sent = running.finish().await;
+
+    let last = final_status(&c, &mut watch).await;
+    let r = report(&c, &last);
+    let lk = r.livekit.clone().unwrap_or_default();
+    let joins = double
+        .joins()
+        .iter()
+        .filter(|j| j.room == "cam-10" && j.kind == framehost_tests::livekit::JoinKind::Join)
+        .count();
+    c.check(
+        last.state == JobState::Finished
+            && r.ended_by == "source_left"
+            && lk.rejoins >= 1
+            && joins >= 2
+            && r.frames_processed > 0
+            && r.frames_processed <= sent.frames,
+        format!(
+            "expected a rejoin ({joins} joins seen) and the job to run on to source_left; \
+             sent {sent:?}, status {last:?}"
+        ),
+    );
+}
+
+/// The publisher leaves in the middle of a frame (its last streams never end): the job
+/// ends with what was whole, counts the torn frame, and finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publisher_leaving_mid_stream_ends_the_job_cleanly() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    c.start_host("host-a").await;
+    let generator = StreamGenerator::new(StreamOptions {
+        image_kib: 60,
+        faults: vec![Fault::NoTrailer(19)],
+        ..frames(20, 10.0)
+    })
+    .unwrap();
+
+    let spec = room_job("room-torn", "cam-11");
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.within(
+        JOIN,
+        "the host to join cam-11",
+        double.wait_subscribers("cam-11", 1, JOIN),
+    )
+    .await;
+    generator.run(&double.publisher("cam-11", SOURCE)).await;
+
+    let last = final_status(&c, &mut watch).await;
+    let r = report(&c, &last);
+    let rejected: u64 = r.frames_rejected.values().sum();
+    c.check(
+        last.state == JobState::Finished
+            && r.ended_by == "source_left"
+            && r.frames_processed == 19
+            && rejected >= 1,
+        format!("expected 19 whole frames and the torn one counted; got {last:?}"),
+    );
+}
+
+/// A plugin author records a room with `framehost capture record` and replays it offline:
+/// the replay sees every frame the room carried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_room_replays_offline() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let out = scratch.path().join("cam-12.fhcap");
+    let token = double.subscriber_token("cam-12", "recorder");
+    let recorder = tokio::process::Command::new(artifacts::framehost_bin())
+        .args(["capture", "record", "--room", "cam-12", "--livekit-url"])
+        .arg(double.url())
+        .args(["--source-identity", SOURCE, "--out"])
+        .arg(&out)
+        .env("FRAMEHOST_LIVEKIT_TOKEN", &token)
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    double.wait_subscribers("cam-12", 1, JOIN).await;
+    let generator = StreamGenerator::new(frames(25, 10.0)).unwrap();
+    generator.run(&double.publisher("cam-12", SOURCE)).await;
+
+    let recorded = tokio::time::timeout(JOB, recorder.wait_with_output())
+        .await
+        .expect("capture record ends when the publisher leaves")
+        .unwrap();
+    let said = String::from_utf8_lossy(&recorded.stdout);
+    assert!(
+        recorded.status.success() && said.contains("ended by source_left"),
+        "capture record failed: {said}\n{}",
+        String::from_utf8_lossy(&recorded.stderr)
+    );
+    assert!(
+        !String::from_utf8_lossy(&recorded.stderr).contains(&token),
+        "the token must not be printed"
+    );
+
+    let replayed = tokio::process::Command::new(artifacts::framehost_bin())
+        .args(["replay", "--json", "--plugin"])
+        .arg(artifacts::tracker())
+        .arg(&out)
+        .output()
+        .await
+        .unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&replayed.stdout).unwrap_or_else(|e| {
+        panic!(
+            "replay printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&replayed.stderr)
+        )
+    });
+    assert_eq!(summary["frames_processed"], 25, "{summary}");
+    assert_eq!(summary["ended_by"], "end_of_capture", "{summary}");
 }

@@ -62,7 +62,7 @@ impl Peer {
     pub async fn bind(server: IpAddr) -> Result<Self, PeerError> {
         super::install_crypto();
         let local_ip = route_to(server).await?;
-        let socket = UdpSocket::bind(SocketAddr::new(local_ip, 0)).await?;
+        let socket = bind_udp(SocketAddr::new(local_ip, 0))?;
         let local = socket.local_addr()?;
         let candidate = Candidate::host(local, "udp")
             .map_err(|e| PeerError::Candidate(format!("local {local}: {e}")))?;
@@ -189,6 +189,26 @@ impl Peer {
             _ => {}
         }
     }
+}
+
+/// Receive buffer asked for the peer's socket. A server sends a congestion window's worth
+/// of datagrams in one burst; the kernel's default buffer (about 208 KiB on Linux) overflows
+/// under a burst of large frames while the loop is busy, and every datagram lost there makes
+/// SCTP retransmit and halve its window. The kernel caps the request at `net.core.rmem_max`.
+const RECEIVE_BUFFER_BYTES: usize = 4 << 20;
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if let Err(error) = socket.set_recv_buffer_size(RECEIVE_BUFFER_BYTES) {
+        tracing::debug!(%error, "Cannot enlarge the UDP receive buffer");
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 /// The local address the kernel would send from toward `server`. Connecting a UDP socket
