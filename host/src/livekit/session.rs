@@ -256,6 +256,15 @@ impl SessionState<'_> {
                 "the JoinResponse names no participant".into(),
             ));
         };
+        if join.ping_interval == 0 || join.ping_timeout == 0 {
+            // livekit-signaling's keepalive task cannot run with a zero interval (it panics
+            // in its own task and the connection goes unwatched). No LiveKit server sends
+            // one; refuse to run on a connection whose loss we could not notice.
+            client.close().await;
+            return Err(JoinError::Failed(
+                "the server's JoinResponse has no ping interval/timeout".into(),
+            ));
+        }
         if !join.subscriber_primary {
             client.close().await;
             return Err(JoinError::Invalid(
