@@ -159,7 +159,12 @@ pub async fn run(
             }
         }
 
-        let mut connection = match state.join(server).await {
+        // A join can take a few seconds against a slow server; a stop must not wait for it.
+        let joined = tokio::select! {
+            _ = stop.cancelled() => return Ok(SessionEnd::Stopped),
+            joined = state.join(server) => joined,
+        };
+        let mut connection = match joined {
             Ok(connection) => connection,
             Err(JoinError::Refused(body)) => return Err(SessionError::TokenRefused(body)),
             Err(JoinError::Invalid(message)) => return Err(SessionError::Invalid(message)),
@@ -279,9 +284,8 @@ impl SessionState<'_> {
             server_protocol = join.server_info.as_ref().map(|s| s.protocol).unwrap_or_default(),
             "Joined the room"
         );
-        for other in &join.other_participants {
-            self.source.update(other);
-        }
+        // The roster as it is now: a source that left while we were away is gone.
+        self.source.reconcile(&join.other_participants);
 
         let peer = match Peer::bind(server).await {
             Ok(peer) => peer,
@@ -814,6 +818,29 @@ impl Source {
         }
     }
 
+    /// Takes a full roster (a JoinResponse's other participants): whoever we watched that is
+    /// not in it has left.
+    fn reconcile(&mut self, roster: &[proto::ParticipantInfo]) {
+        let watched: Vec<(String, String)> = self
+            .present
+            .iter()
+            .map(|(sid, identity)| (sid.clone(), identity.clone()))
+            .collect();
+        for participant in roster {
+            self.update(participant);
+        }
+        for (sid, identity) in watched {
+            if !roster.iter().any(|p| p.sid == sid) {
+                self.update(&proto::ParticipantInfo {
+                    sid,
+                    identity,
+                    state: proto::participant_info::State::Disconnected as i32,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
     fn deadline(&self) -> Option<Instant> {
         self.deadline.filter(|_| self.seen_any)
     }
@@ -864,6 +891,19 @@ mod tests {
         assert!(source.deadline().is_none());
         source.update(&info("b", "PA_b", State::Disconnected));
         assert!(source.deadline().is_some());
+    }
+
+    #[test]
+    fn a_rejoin_roster_without_the_source_means_it_left() {
+        let mut source = Source::new(Some("vision".into()), Duration::ZERO);
+        source.reconcile(&[info("vision", "PA_1", State::Active)]);
+        assert!(source.deadline().is_none());
+        source.reconcile(&[info("vision", "PA_1", State::Active)]);
+        assert!(source.deadline().is_none(), "still there");
+        source.reconcile(&[info("vision", "PA_2", State::Active)]);
+        assert!(source.deadline().is_none(), "back with a new sid");
+        source.reconcile(&[info("someone", "PA_x", State::Active)]);
+        assert!(source.deadline().is_some(), "gone while we were away");
     }
 
     #[test]
