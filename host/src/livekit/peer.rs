@@ -19,6 +19,9 @@ pub const RELIABLE_LABEL: &str = "_reliable";
 /// Largest datagram read. Above any path MTU, so nothing arrives truncated.
 const DATAGRAM_BYTES: usize = 2048;
 
+/// Datagrams already waiting that one [`Peer::io`] takes after the one it waited for.
+const RECEIVE_BATCH: usize = 64;
+
 /// What the peer reports to the session.
 #[derive(Debug)]
 pub enum PeerEvent {
@@ -123,30 +126,44 @@ impl Peer {
     /// out. Cancel-safe: dropped before anything arrived, it has changed nothing.
     pub async fn io(&mut self) -> Result<(), PeerError> {
         let deadline = self.flush()?;
-        let input = tokio::select! {
+        let received = tokio::select! {
             received = self.socket.recv_from(&mut self.buf) => Some(received?),
             _ = tokio::time::sleep_until(deadline.into()) => None,
         };
-        let now = Instant::now();
-        match input {
-            Some((len, source)) => {
-                let Ok(contents) = self.buf[..len].try_into() else {
-                    // Not STUN, DTLS or RTP: a stray datagram, not the peer's problem.
-                    tracing::debug!(%source, len, "Ignoring a datagram that is not WebRTC");
-                    return Ok(());
-                };
-                self.rtc.handle_input(Input::Receive(
-                    now,
-                    Receive {
-                        proto: Protocol::Udp,
-                        source,
-                        destination: self.local,
-                        contents,
-                    },
-                ))?;
+        let Some((len, source)) = received else {
+            self.rtc.handle_input(Input::Timeout(Instant::now()))?;
+            self.flush()?;
+            return Ok(());
+        };
+        self.receive(len, source)?;
+        // Datagrams come in bursts: take what is already waiting before going back to the
+        // runtime, rather than one wake-up per datagram.
+        for _ in 0..RECEIVE_BATCH {
+            match self.socket.try_recv_from(&mut self.buf) {
+                Ok((len, source)) => self.receive(len, source)?,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) => return Err(error.into()),
             }
-            None => self.rtc.handle_input(Input::Timeout(now))?,
         }
+        Ok(())
+    }
+
+    /// Feeds one datagram in and sends what comes out.
+    fn receive(&mut self, len: usize, source: SocketAddr) -> Result<(), PeerError> {
+        let Ok(contents) = self.buf[..len].try_into() else {
+            // Not STUN, DTLS or RTP: a stray datagram, not the peer's problem.
+            tracing::debug!(%source, len, "Ignoring a datagram that is not WebRTC");
+            return Ok(());
+        };
+        self.rtc.handle_input(Input::Receive(
+            Instant::now(),
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: self.local,
+                contents,
+            },
+        ))?;
         self.flush()?;
         Ok(())
     }
