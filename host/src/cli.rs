@@ -30,8 +30,10 @@ use crate::telemetry::{self, JobCounters};
     long_about = "Runs sandboxed WebAssembly video-analytics plugins over LiveKit text streams.\n\n\
         Jobs arrive on NATS JetStream (`serve`); each job's frames are reassembled from data \
         streams, decoded, and handed to the job type's plugin, a WebAssembly component with \
-        its own memory and time limits. `replay` runs the same path offline over a capture \
-        file; `capture synth` makes one.",
+        its own memory and time limits. A job's frames come from a LiveKit room (joined as a \
+        hidden, data-only participant) or a capture file. `replay` runs the same path offline \
+        over a capture file; `capture record` records a room into one; `capture synth` makes \
+        a synthetic one.",
     after_help = "Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=framehost=debug) for more."
 )]
 struct Cli {
@@ -121,11 +123,15 @@ enum CaptureCommand {
 struct RecordArgs {
     #[command(flatten)]
     room: RoomArgs,
+    /// Replace --out if it exists (by default an existing file is never touched).
+    #[arg(long)]
+    force: bool,
     /// Configuration file whose [livekit] section gives the server, API key and secret
     /// (LIVEKIT_API_KEY / LIVEKIT_API_SECRET work too) and whose [streams] topic is noted.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Output capture file.
+    /// Output capture file. It is written as OUT.partial and renamed when the recording
+    /// ends; a recording that got nothing leaves no file.
     #[arg(long, short)]
     out: PathBuf,
 }
@@ -229,17 +235,22 @@ struct SubmitArgs {
     nats: NatsArgs,
 }
 
-/// A LiveKit room as a job source (or as what `capture record` joins).
+/// A LiveKit room: a job's source (`job submit`) or what `capture record` records.
 #[derive(Args)]
 struct RoomArgs {
-    /// LiveKit room to join (instead of --capture).
+    /// LiveKit room to join (for `job submit`, instead of --capture). It must be the room
+    /// the token grants.
     #[arg(long)]
     room: Option<String>,
-    /// LiveKit server URL [default: the host's livekit.url].
+    /// LiveKit server URL, ws:// or wss:// [default: livekit.url of the configuration: the
+    /// host's for `job submit`, --config's for `capture record`].
     #[arg(long = "livekit-url", requires = "room")]
     livekit_url: Option<String>,
-    /// Token to join with [default: the host mints one from its API key and secret].
-    /// Prefer the environment variable: a command line is visible to other users.
+    /// Token to join with [default: one minted from livekit.api_key/api_secret (or
+    /// LIVEKIT_API_KEY/LIVEKIT_API_SECRET): the host's for `job submit`, this command's for
+    /// `capture record`]. It needs roomJoin for the room and canSubscribe; a hidden,
+    /// subscribe-only grant is best. Prefer the environment variable: a command line is
+    /// visible to other users.
     #[arg(
         long,
         env = "FRAMEHOST_LIVEKIT_TOKEN",
@@ -247,14 +258,16 @@ struct RoomArgs {
         requires = "room"
     )]
     token: Option<String>,
-    /// Identity of the participant publishing the frames; the job ends when it leaves
-    /// [default: when the last other participant leaves].
+    /// Identity of the participant publishing the frames: the job or recording ends when it
+    /// leaves [default: when the last other participant leaves].
     #[arg(long = "source-identity", requires = "room")]
     source_identity: Option<String>,
-    /// End after this many seconds in the room [default: livekit.max_duration_secs].
+    /// End after this many seconds in the room, at least 1 [default:
+    /// livekit.max_duration_secs, 4 hours].
     #[arg(long = "max-duration-secs", requires = "room")]
     max_duration_secs: Option<u64>,
-    /// End after this many seconds without a frame [default: livekit.idle_timeout_secs].
+    /// End after this many seconds without a frame (`capture record`: without a packet), at
+    /// least 1 [default: livekit.idle_timeout_secs, 120].
     #[arg(long = "idle-timeout-secs", requires = "room")]
     idle_timeout_secs: Option<u64>,
 }
@@ -336,6 +349,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let sandbox = Sandbox::new(config.sandbox_config())?;
     let registry = Registry::load(&sandbox, &config)?;
+    let lk = &config.livekit;
+    let can_mint = lk.api_key.is_some() && lk.api_secret.is_some();
+    if lk.url.is_none() || !can_mint {
+        tracing::warn!(
+            url_set = lk.url.is_some(),
+            api_key_and_secret_set = can_mint,
+            "LiveKit is not fully configured: room jobs must bring their own url and token, or \
+             fail as livekit_not_configured (set livekit.url and livekit.api_key/api_secret, \
+             or LIVEKIT_API_KEY/LIVEKIT_API_SECRET)"
+        );
+    }
 
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
@@ -681,7 +705,10 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
 
     let json = args.json;
     let wait = args.wait.then(|| Duration::from_secs(args.timeout));
-    let last = intake::submit(&nats, &spec, wait, |status| {
+    if wait.is_some() && !json {
+        eprintln!("job {}", spec.id);
+    }
+    let submitted = intake::submit(&nats, &spec, wait, |status| {
         if json {
             println!("{}", serde_json::to_string(status).unwrap_or_default());
             return;
@@ -695,10 +722,31 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
                     eprintln!("progress: {}", progress_line(report));
                 }
             }
+            // Not final: the job comes back for another delivery.
+            JobState::Failed if status.kind == Some(job::FailureKind::Transient) => eprintln!(
+                "delivery {} on {} failed: {} ({}); it will be delivered again",
+                status.delivery,
+                status.host,
+                status.error.as_deref().unwrap_or("no reason given"),
+                status.reason.as_deref().unwrap_or("-"),
+            ),
+            JobState::Requeued => eprintln!(
+                "delivery {} on {} was handed back (host shutting down); it will be delivered again",
+                status.delivery, status.host,
+            ),
             _ => {}
         }
-    })
-    .await?;
+    });
+    let last = tokio::select! {
+        last = submitted => last?,
+        _ = tokio::signal::ctrl_c(), if wait.is_some() => {
+            eprintln!(
+                "job {id} keeps running without you; stop it with `framehost job stop {id}`",
+                id = spec.id
+            );
+            return Ok(ExitCode::from(130));
+        }
+    };
 
     let Some(last) = last else {
         println!("{}", spec.id);
@@ -739,6 +787,17 @@ async fn capture_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         .livekit
         .job(&job_id, &source)
         .map_err(|message| anyhow::anyhow!(message))?;
+    if !args.force && args.out.exists() {
+        bail!(
+            "{} exists; give another --out, or --force to replace it",
+            args.out.display()
+        );
+    }
+    // Written beside the target and renamed at the end: a recording that fails leaves any
+    // earlier file as it was.
+    let mut partial = args.out.clone().into_os_string();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
     let meta = CaptureMeta {
         source: source.room.clone(),
         created_unix_ms: std::time::SystemTime::now()
@@ -751,8 +810,8 @@ async fn capture_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
             env!("CARGO_PKG_VERSION")
         ),
     };
-    let mut writer = CaptureWriter::create(&args.out, &meta)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let mut writer = CaptureWriter::create(&partial, &meta)
+        .with_context(|| format!("cannot create {}", partial.display()))?;
 
     let (packets, mut arrivals) = PacketQueue::new(job.packet_queue_len, job.packet_queue_bytes);
     let stats = Arc::new(LiveKitStats::default());
@@ -826,7 +885,37 @@ async fn capture_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     }
     let records = writer.records();
     writer.finish()?;
-    let end = session.await.context("the LiveKit session task failed")??;
+    let end = match session.await.context("the LiveKit session task failed")? {
+        Ok(end) => end,
+        Err(error) if records == 0 => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(error.into());
+        }
+        Err(error) => {
+            std::fs::rename(&partial, &args.out)?;
+            eprintln!(
+                "the recording ended early; {} holds the {records} packets it got",
+                args.out.display()
+            );
+            return Err(error.into());
+        }
+    };
+    if records == 0 {
+        let _ = std::fs::remove_file(&partial);
+        println!(
+            "no packet arrived from room {:?} (ended by {}); nothing written",
+            source.room,
+            ended_by.unwrap_or(end.label())
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    std::fs::rename(&partial, &args.out).with_context(|| {
+        format!(
+            "cannot rename {} to {}",
+            partial.display(),
+            args.out.display()
+        )
+    })?;
     let report = stats.report();
     println!(
         "{}: {records} packets, {:.1} MiB from room {:?}; ended by {}; {} duplicates, {} dropped (queue full), {} resumes, {} rejoins",

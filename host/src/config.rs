@@ -341,14 +341,11 @@ impl LiveKitConfig {
 
     /// The settings of one job in `source`, or why the job cannot run.
     pub fn job(&self, job_id: &str, source: &LiveKitSource) -> Result<LiveKitJob, String> {
-        let url = source
-            .url
-            .clone()
-            .or_else(|| self.url.clone())
-            .ok_or("the job names no LiveKit url and the host has no livekit.url")?;
-        if source.room.is_empty() {
-            return Err("the job's LiveKit room is empty".into());
-        }
+        let url = source.url.clone().or_else(|| self.url.clone()).ok_or(
+            "no LiveKit server URL: give the job one (`url`, or --livekit-url) or set \
+                 livekit.url in the configuration",
+        )?;
+        source.validate()?;
         let credentials = match (&source.token, &self.api_key, &self.api_secret) {
             (Some(token), _, _) => Credentials::Token(token.clone()),
             (None, Some(key), Some(secret)) => Credentials::Mint {
@@ -360,12 +357,11 @@ impl LiveKitConfig {
                 ttl: Duration::from_secs(self.token_ttl_secs.max(60)),
             },
             _ => {
-                return Err(
-                    "the job brings no LiveKit token and the host has no API key and \
-                     secret to mint one (livekit.api_key/api_secret or LIVEKIT_API_KEY/\
+                return Err("no LiveKit token: give one (the job's `token`, or \
+                     FRAMEHOST_LIVEKIT_TOKEN), or an API key and secret to mint one \
+                     (livekit.api_key/api_secret in the configuration, or LIVEKIT_API_KEY/\
                      LIVEKIT_API_SECRET)"
-                        .into(),
-                );
+                    .into());
             }
         };
         let ms = Duration::from_millis;
@@ -651,10 +647,13 @@ mod tests {
         let source: LiveKitSource = serde_json::from_str(r#"{"room": "r1"}"#).unwrap();
         let mut lk = LiveKitConfig::default();
         let err = lk.job("j", &source).unwrap_err();
-        assert!(err.contains("no LiveKit url"), "{err}");
+        assert!(err.contains("no LiveKit server URL"), "{err}");
         lk.url = Some("ws://127.0.0.1:7880".into());
         let err = lk.job("j", &source).unwrap_err();
         assert!(err.contains("no LiveKit token"), "{err}");
+        let zero: LiveKitSource =
+            serde_json::from_str(r#"{"room": "r1", "idle_timeout_secs": 0}"#).unwrap();
+        assert!(zero.validate().is_err());
         lk.api_key = Some("key".into());
         lk.api_secret = Some(Secret::new("secret"));
         let job = lk.job("j", &source).unwrap();

@@ -82,6 +82,10 @@ impl JobSpec {
 
     pub fn validate(&self) -> Result<(), JobError> {
         Self::validate_id(&self.id)?;
+        if let SourceSpec::LiveKit(room) = &self.source {
+            room.validate()
+                .map_err(|message| JobError::permanent("bad_job", message))?;
+        }
         if !self.config.is_object() {
             return Err(JobError::permanent(
                 "bad_job",
@@ -167,7 +171,8 @@ pub struct JobReport {
     /// True when the job was stopped before its source ended.
     pub stopped: bool,
     /// What ended the job: `end_of_capture`, `stopped`, `source_left`, `server_leave`,
-    /// `room_moved`, `idle_timeout`, `max_duration`; empty while it runs.
+    /// `room_moved`, `idle_timeout`, `max_duration`; absent while it runs or when it failed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ended_by: String,
     /// The LiveKit session's counters, for jobs in a room.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -299,6 +304,7 @@ pub async fn run(
         events: &events,
         processor,
         restarts: 0,
+        livekit: livekit_stats.as_deref(),
     };
     let outcome = plugin_side.run(&queue, &stop, started, &report).await;
 
@@ -324,7 +330,7 @@ pub async fn run(
     let path_outcome = path_outcome.map(|ended_by| {
         report.ended_by = ended_by.to_owned();
     });
-    report.livekit = livekit_stats.map(|stats| stats.report());
+    report.livekit = livekit_stats.as_deref().map(LiveKitStats::report);
 
     let finished = match outcome.and(path_outcome) {
         Ok(()) => {
@@ -400,6 +406,8 @@ struct PluginSide<'a> {
     events: &'a mpsc::Sender<JobEvent>,
     processor: Processor,
     restarts: u32,
+    /// A room job's session counters, for progress reports.
+    livekit: Option<&'a LiveKitStats>,
 }
 
 impl PluginSide<'_> {
@@ -422,6 +430,7 @@ impl PluginSide<'_> {
                     let mut report = template.clone();
                     fill_report(&mut report, self.counters, started, self.restarts,
                         self.processor.memory_peak(), self.processor.results_dropped());
+                    report.livekit = self.livekit.map(LiveKitStats::report);
                     // Progress is advisory: a full channel skips one rather than waiting.
                     let _ = self.events.try_send(JobEvent::Progress(Box::new(report)));
                     continue;
@@ -575,9 +584,12 @@ fn feed_room(
     stop: &CancellationToken,
     runtime: &tokio::runtime::Handle,
 ) -> Result<&'static str, JobError> {
+    // The job itself was checked when it was parsed: what is missing here is the host's
+    // configuration, which another host may have right.
     let job = config
         .job(&path.job_id, room)
-        .map_err(|message| JobError::permanent("bad_job", message))?;
+        .map_err(|message| JobError::transient("livekit_not_configured", message))?;
+    let minted = matches!(job.session.credentials, livekit::Credentials::Mint { .. });
     let (packets, mut arrivals) = PacketQueue::new(job.packet_queue_len, job.packet_queue_bytes);
     let session_stop = stop.child_token();
     let session = {
@@ -664,7 +676,7 @@ fn feed_room(
 
     let end = match outcome {
         Ok(Ok(end)) => end,
-        Ok(Err(error)) => return Err(session_error(error)),
+        Ok(Err(error)) => return Err(session_error(error, minted)),
         Err(error) => {
             return Err(JobError::permanent(
                 "internal",
@@ -672,15 +684,24 @@ fn feed_room(
             ));
         }
     };
-    tracing::info!(job_id = %path.job_id, ended_by = ended_by.unwrap_or(end.label()), detail = ?end, "Left the room");
+    tracing::info!(job_id = %path.job_id, ended_by = ended_by.unwrap_or(end.label()), detail = %end, "Left the room");
     Ok(ended_by.unwrap_or(end.label()))
 }
 
-fn session_error(error: SessionError) -> JobError {
+/// A refused token the host minted is the host's configuration (another host may have the
+/// right secret): transient. A refused token the job brought is the job's: permanent.
+fn session_error(error: SessionError, minted: bool) -> JobError {
     match error {
-        SessionError::TokenRefused(_) => {
-            JobError::permanent("livekit_token_refused", error.to_string())
-        }
+        SessionError::TokenRefused(_) if minted => JobError::transient(
+            "livekit_token_refused",
+            format!(
+                "{error} (the token was minted by this host: check livekit.api_key and api_secret)"
+            ),
+        ),
+        SessionError::TokenRefused(_) => JobError::permanent(
+            "livekit_token_refused",
+            format!("{error} (the job's own token)"),
+        ),
         SessionError::Invalid(_) => JobError::permanent("bad_job", error.to_string()),
         SessionError::Unreachable { .. } => {
             JobError::transient("livekit_unreachable", error.to_string())

@@ -368,8 +368,10 @@ async fn ten_rooms_at_once_on_one_host() {
     }
 }
 
-/// A host whose API secret is wrong is refused by the server; the job fails permanently
-/// with that reason, the server's own words, and is dead-lettered, not retried.
+/// The server refuses a token. One the host minted with a wrong secret is the host's
+/// mistake: the job fails as transient, saying what to check, and stays queued for a host
+/// configured right. One the job brought is the job's: it fails permanently and is
+/// dead-lettered. Either way the server's reason is in the error and no secret is logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_fails_the_job_with_that_reason() {
     let double = LiveKitDouble::start(DoubleOptions::default())
@@ -377,28 +379,59 @@ async fn a_refused_token_fails_the_job_with_that_reason() {
         .unwrap();
     let mut c = cluster(&double).await;
     c.config.livekit.api_secret = Some(Secret::new("not-the-secret"));
+    c.config.nats.nak_delay_secs = 60;
     c.start_host("host-a").await;
 
-    let spec = room_job("room-refused", "cam-5");
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
+    let minted = room_job("room-refused", "cam-5");
+    let mut watch = c.watch(&minted.id).await;
+    c.submit(&minted).await;
     let last = final_status(&c, &mut watch).await;
     c.check(
         last.state == JobState::Failed
             && last.reason.as_deref() == Some("livekit_token_refused")
-            && last.kind == Some(FailureKind::Permanent)
-            && last.error.as_deref().is_some_and(|e| e.contains("401")),
-        format!("expected a permanent livekit_token_refused with the 401, got {last:?}"),
+            && last.kind == Some(FailureKind::Transient)
+            && last
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("401") && e.contains("api_secret")),
+        format!("expected a transient livekit_token_refused with the 401 and a hint, got {last:?}"),
     );
     c.check(
         !double.refusals().is_empty() && double.subscribers("cam-5") == 0,
         "the double should have refused the token",
     );
-    c.wait_dead_letter("room-refused").await;
+
+    let forged = livekit_api::access_token::AccessToken::with_api_key("devkey", "forged")
+        .with_identity("intruder")
+        .with_grants(livekit_api::access_token::VideoGrants {
+            room_join: true,
+            room: "cam-5".into(),
+            ..Default::default()
+        })
+        .to_jwt()
+        .unwrap();
+    let mut own = room_job("room-refused-own", "cam-5");
+    if let SourceSpec::LiveKit(room) = &mut own.source {
+        room.token = Some(Secret::new(forged.clone()));
+    }
+    let mut watch = c.watch(&own.id).await;
+    c.submit(&own).await;
+    let last = final_status(&c, &mut watch).await;
+    c.check(
+        last.state == JobState::Failed
+            && last.reason.as_deref() == Some("livekit_token_refused")
+            && last.kind == Some(FailureKind::Permanent),
+        format!("expected a permanent livekit_token_refused for the job's token, got {last:?}"),
+    );
+    c.wait_dead_letter("room-refused-own").await;
+    c.check(
+        c.dead_letter("room-refused").await.is_none(),
+        "the host's mistake must not dead-letter the job",
+    );
     let logs = c.logs();
     c.check(
-        !logs.contains("not-the-secret"),
-        "the secret must never appear in the host's log",
+        !logs.contains("not-the-secret") && !logs.contains(&forged),
+        "no secret or token may appear in the host's log",
     );
 }
 
@@ -674,4 +707,34 @@ async fn a_recorded_room_replays_offline() {
     });
     assert_eq!(summary["frames_processed"], 25, "{summary}");
     assert_eq!(summary["ended_by"], "end_of_capture", "{summary}");
+}
+
+/// A job whose own token grants another room: the host notices the room it was put in is
+/// not the job's and fails the job for what it is, instead of waiting for frames that
+/// never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_another_room_fails_the_job() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    c.start_host("host-a").await;
+
+    let mut spec = room_job("room-wrong-token", "cam-13");
+    if let SourceSpec::LiveKit(room) = &mut spec.source {
+        room.token = Some(Secret::new(double.subscriber_token("elsewhere", "viewer")));
+    }
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    let last = final_status(&c, &mut watch).await;
+    c.check(
+        last.state == JobState::Failed
+            && last.reason.as_deref() == Some("bad_job")
+            && last.kind == Some(FailureKind::Permanent)
+            && last
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("\"elsewhere\"") && e.contains("\"cam-13\"")),
+        format!("expected a permanent bad_job naming both rooms, got {last:?}"),
+    );
 }

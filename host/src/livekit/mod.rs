@@ -66,6 +66,22 @@ pub struct LiveKitSource {
     pub idle_timeout_secs: Option<u64>,
 }
 
+impl LiveKitSource {
+    /// Checks what the job itself got wrong (not what the host lacks).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.room.is_empty() {
+            return Err("the LiveKit room is empty".into());
+        }
+        if self.token.as_ref().is_some_and(Secret::is_empty) {
+            return Err("the LiveKit token is empty".into());
+        }
+        if self.max_duration_secs == Some(0) || self.idle_timeout_secs == Some(0) {
+            return Err("max_duration_secs and idle_timeout_secs must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 /// What a session counts; shared with the job, which copies it into its report.
 #[derive(Debug, Default)]
 pub struct LiveKitStats {

@@ -97,6 +97,17 @@ pub enum SessionEnd {
     Stopped,
 }
 
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::SourceLeft(identity) => write!(f, "the source {identity:?} left"),
+            Self::ServerLeave(reason) => write!(f, "the server asked us to leave ({reason})"),
+            Self::RoomMoved => f.write_str("the room moved to another server"),
+            Self::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
 impl SessionEnd {
     /// Short label for reports: `source_left`, `room_closed`, `room_moved`, `stopped`.
     pub fn label(&self) -> &'static str {
@@ -118,8 +129,13 @@ pub enum SessionError {
     #[error("{0}")]
     Invalid(String),
     /// The retry budget ran out. Transient: another attempt later may work.
-    #[error("lost the room after {attempts} attempts: {last}")]
-    Unreachable { attempts: u32, last: String },
+    #[error("{} after {attempts} attempts: {last}", if *.joined { "lost the room" } else { "could not join the room" })]
+    Unreachable {
+        attempts: u32,
+        last: String,
+        /// Whether the session was ever in the room.
+        joined: bool,
+    },
 }
 
 /// Joins the room and stays until something ends the session; then leaves cleanly.
@@ -139,6 +155,8 @@ pub async fn run(
         dedup: Dedup::new(config.max_senders),
         source: Source::new(config.source_identity.clone(), config.source_grace),
         refreshed_token: None,
+        joined: false,
+        warned_source_absent: false,
     };
     let mut failures = 0u32;
     let mut last_error = String::new();
@@ -149,6 +167,7 @@ pub async fn run(
                 return Err(SessionError::Unreachable {
                     attempts: failures,
                     last: last_error,
+                    joined: state.joined,
                 });
             }
             let delay = config.retry.delay(failures);
@@ -206,6 +225,10 @@ struct SessionState<'a> {
     source: Source,
     /// The token the server last refreshed, for rejoining with a job's own token.
     refreshed_token: Option<Secret>,
+    /// Whether any join succeeded.
+    joined: bool,
+    /// Whether we said that data comes from others while the source never showed up.
+    warned_source_absent: bool,
 }
 
 enum JoinError {
@@ -261,6 +284,16 @@ impl SessionState<'_> {
                 "the JoinResponse names no participant".into(),
             ));
         };
+        let joined_room = join.room.as_ref().map(|r| r.name.as_str()).unwrap_or("");
+        if !joined_room.is_empty() && joined_room != config.room {
+            // The token decides the room; a job that names another one was given the wrong
+            // token, and would wait for frames that never come.
+            client.close().await;
+            return Err(JoinError::Invalid(format!(
+                "the token is for room {joined_room:?}, not {:?}",
+                config.room
+            )));
+        }
         if join.ping_interval == 0 || join.ping_timeout == 0 {
             // livekit-signaling's keepalive task cannot run with a zero interval (it panics
             // in its own task and the connection goes unwatched). No LiveKit server sends
@@ -286,6 +319,7 @@ impl SessionState<'_> {
         );
         // The roster as it is now: a source that left while we were away is gone.
         self.source.reconcile(&join.other_participants);
+        self.joined = true;
 
         let peer = match Peer::bind(server).await {
             Ok(peer) => peer,
@@ -338,6 +372,22 @@ impl SessionState<'_> {
             );
             return;
         }
+        if let Some(source) = &self.config.source_identity
+            && !self.warned_source_absent
+            && !self.source.seen_any
+            && !packet.participant_identity.is_empty()
+            && packet.participant_identity != *source
+        {
+            self.warned_source_absent = true;
+            tracing::warn!(
+                job_id = %job_id,
+                source_identity = %source,
+                sender = %packet.participant_identity,
+                "Data arrives from another participant while the source has not joined: is \
+                 the job's source_identity right? The job ends when the source leaves, or \
+                 at the idle timeout"
+            );
+        }
         if self
             .dedup
             .check(&packet.participant_sid, packet.sequence, now)
@@ -379,8 +429,11 @@ fn signal_options(config: &SessionConfig) -> SignalOptions {
 
 /// The server's address, for choosing the interface the peer binds to.
 async fn server_ip(url: &str) -> Result<IpAddr, SessionError> {
-    let parsed = url::Url::parse(url)
-        .map_err(|e| SessionError::Invalid(format!("bad LiveKit URL {url:?}: {e}")))?;
+    let parsed = url::Url::parse(url).map_err(|e| {
+        SessionError::Invalid(format!(
+            "bad LiveKit URL {url:?}: {e} (expected ws://, wss://, http:// or https://HOST[:PORT])"
+        ))
+    })?;
     let host = parsed
         .host_str()
         .ok_or_else(|| SessionError::Invalid(format!("LiveKit URL {url:?} has no host")))?;
@@ -390,6 +443,7 @@ async fn server_ip(url: &str) -> Result<IpAddr, SessionError> {
         tokio::net::lookup_host((host, port))
             .await
             .map_err(|e| SessionError::Unreachable {
+                joined: false,
                 attempts: 1,
                 last: format!("cannot resolve {host}: {e}"),
             })?;
@@ -397,6 +451,7 @@ async fn server_ip(url: &str) -> Result<IpAddr, SessionError> {
         .next()
         .map(|a| a.ip())
         .ok_or_else(|| SessionError::Unreachable {
+            joined: false,
             attempts: 1,
             last: format!("{host} has no address"),
         })

@@ -42,6 +42,9 @@ struct Cli {
     /// Play one run per room, then exit, instead of waiting for the next subscriber.
     #[arg(long)]
     once: bool,
+    /// Signal port on 127.0.0.1 (LiveKit's own default is 7880) [default: a free port].
+    #[arg(long, default_value_t = 0)]
+    port: u16,
 }
 
 #[tokio::main]
@@ -52,6 +55,7 @@ async fn main() {
         api_secret: cli.api_secret.clone(),
         ping_interval_secs: 5,
         ping_timeout_secs: 15,
+        port: cli.port,
         ..Default::default()
     })
     .await
@@ -75,19 +79,31 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    println!("LiveKit double listening at {}", double.url());
+    println!("LiveKit double listening at {}\n", double.url());
+    println!("# for the host's configuration file:");
+    println!("[livekit]");
+    println!("url = \"{}\"", double.url());
+    println!("api_key = \"{}\"", cli.api_key);
+    println!("api_secret = \"{}\"\n", cli.api_secret);
+    for room in &cli.rooms {
+        // What a job's `token` or FRAMEHOST_LIVEKIT_TOKEN can carry instead: a hidden,
+        // subscribe-only grant for this room, valid for ten minutes.
+        println!(
+            "# a token for room {room:?}, valid 10 minutes (FRAMEHOST_LIVEKIT_TOKEN, or a job's \"token\"):\n{}\n",
+            double.subscriber_token(room, &format!("viewer-{room}"))
+        );
+    }
     println!(
-        "  host config:  [livekit] url = \"{}\"  api_key = \"{}\"  api_secret = \"{}\"",
-        double.url(),
-        cli.api_key,
-        cli.api_secret
-    );
-    println!(
-        "  publishing {} frames at {} fps as {:?} in room(s) {} whenever a subscriber joins",
+        "publishing {} frames at {} fps as {:?} in room(s) {} {}",
         cli.frames,
         cli.fps,
         cli.identity,
-        cli.rooms.join(", ")
+        cli.rooms.join(", "),
+        if cli.once {
+            "when a subscriber joins, once"
+        } else {
+            "whenever a subscriber joins"
+        }
     );
 
     let mut tasks = Vec::new();

@@ -84,6 +84,8 @@ pub struct DoubleOptions {
     /// How long a subscriber whose signal connection was lost stays resumable. Defaults to
     /// 10 s.
     pub departure_timeout: Duration,
+    /// The signal port on 127.0.0.1. Defaults to 0: a free one.
+    pub port: u16,
 }
 
 impl Default for DoubleOptions {
@@ -95,6 +97,7 @@ impl Default for DoubleOptions {
             ping_timeout_secs: 3,
             ice_lite: false,
             departure_timeout: Duration::from_secs(10),
+            port: 0,
         }
     }
 }
@@ -179,7 +182,7 @@ impl LiveKitDouble {
                 "ping_interval_secs must be at least 1 and below ping_timeout_secs",
             ));
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind(("127.0.0.1", options.port)).await?;
         let url = format!("ws://{}", listener.local_addr()?);
         let shared = Arc::new(Shared::new(options));
         tokio::spawn(signal::serve(listener, shared.clone()));
