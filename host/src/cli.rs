@@ -16,7 +16,7 @@ use crate::capture::{CaptureMeta, CaptureReader, CaptureWriter};
 use crate::config::{Config, JobTypeConfig};
 use crate::intake::{self, JobState};
 use crate::job::{self, JobEvent, JobReport, JobSettings, JobSpec};
-use crate::livekit::{self, LiveKitSource, LiveKitStats, PacketQueue, Secret};
+use crate::livekit::{self, LiveKitSource, LiveKitStats, PacketQueue, Secret, SessionEnd};
 use crate::registry::Registry;
 use crate::sandbox::Sandbox;
 use crate::source::SourceSpec;
@@ -828,8 +828,11 @@ async fn capture_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         let stop = stop.clone();
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("stopping: leaving the room");
+                eprintln!("stopping: leaving the room (Ctrl-C again to quit at once)");
                 stop.cancel();
+            }
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
             }
         })
     };
@@ -840,7 +843,17 @@ async fn capture_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     let mut bytes = 0u64;
     let mut flushed = started;
     let terminal = std::io::stderr().is_terminal();
+    let mut stopping_since: Option<std::time::Instant> = None;
+    let abort = session.abort_handle();
     loop {
+        if stop.is_cancelled() {
+            let since = *stopping_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > livekit::SESSION_EXIT_WAIT {
+                eprintln!("the session did not leave the room in time; dropping it");
+                abort.abort();
+                break;
+            }
+        }
         let arrived = tokio::select! {
             arrived = arrivals.recv() => match arrived {
                 Some(arrived) => Some(arrived),
@@ -885,7 +898,13 @@ async fn capture_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     }
     let records = writer.records();
     writer.finish()?;
-    let end = match session.await.context("the LiveKit session task failed")? {
+    let end = match session.await {
+        // Dropped above: it ended by the stop we asked for.
+        Err(error) if error.is_cancelled() => Ok(SessionEnd::Stopped),
+        Err(error) => return Err(anyhow::anyhow!("the LiveKit session task failed: {error}")),
+        Ok(end) => end,
+    };
+    let end = match end {
         Ok(end) => end,
         Err(error) if records == 0 => {
             let _ = std::fs::remove_file(&partial);

@@ -664,8 +664,26 @@ fn feed_room(
         }
     }
 
-    // The session leaves the room; what it delivered before that still counts.
-    let outcome = runtime.block_on(session);
+    // The session leaves the room; what it delivered before that still counts. Its sends
+    // are bounded, but a session that still does not end is dropped rather than waited on.
+    let outcome = runtime.block_on(async {
+        let abort = session.abort_handle();
+        match tokio::time::timeout(livekit::SESSION_EXIT_WAIT, session).await {
+            Ok(joined) => Some(joined),
+            Err(_) => {
+                abort.abort();
+                None
+            }
+        }
+    });
+    let Some(outcome) = outcome else {
+        tracing::error!(job_id = %path.job_id, "The LiveKit session did not end within {:?}; dropped it", livekit::SESSION_EXIT_WAIT);
+        let mut messages = Vec::new();
+        path.finish(Instant::now(), &mut messages);
+        sink_messages(&path, messages, queue, runtime, false, stop);
+        path.record_ignored();
+        return Ok(ended_by.unwrap_or("stopped"));
+    };
     while let Ok(arrived) = arrivals.try_recv() {
         path.packet(arrived.packet, arrived.at, &mut messages);
     }

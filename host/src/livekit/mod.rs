@@ -101,6 +101,12 @@ pub struct LiveKitStats {
     pub resumes: AtomicU64,
     /// Full rejoins after a connection could not be resumed.
     pub rejoins: AtomicU64,
+    /// Senders forgotten by de-duplication because `max_senders` were remembered.
+    pub senders_evicted: AtomicU64,
+    /// ICE candidates from the server past the per-offer bound.
+    pub candidates_dropped: AtomicU64,
+    /// Participants not tracked because the roster bound was reached.
+    pub roster_full: AtomicU64,
 }
 
 impl LiveKitStats {
@@ -119,6 +125,9 @@ impl LiveKitStats {
             queue_full: get(&self.queue_full),
             resumes: get(&self.resumes),
             rejoins: get(&self.rejoins),
+            senders_evicted: get(&self.senders_evicted),
+            candidates_dropped: get(&self.candidates_dropped),
+            roster_full: get(&self.roster_full),
         }
     }
 }
@@ -134,6 +143,9 @@ pub struct LiveKitReport {
     pub queue_full: u64,
     pub resumes: u64,
     pub rejoins: u64,
+    pub senders_evicted: u64,
+    pub candidates_dropped: u64,
+    pub roster_full: u64,
 }
 
 /// A packet as it arrived.
@@ -208,6 +220,10 @@ impl PacketReceiver {
         Ok(arrived)
     }
 }
+
+/// Longest a job waits for its session to leave the room once the job has ended. Leaving
+/// takes two bounded requests; a session that is still there after this is dropped.
+pub const SESSION_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(6);
 
 /// Makes str0m's pure-Rust crypto the process default; later calls do nothing.
 pub fn install_crypto() {

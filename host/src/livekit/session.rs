@@ -24,6 +24,23 @@ use super::token::{self, ApiKey, Secret};
 use super::{LiveKitStats, PacketQueue};
 use crate::telemetry::JobCounters;
 
+/// Longest a request to the server may take to go out, and a close to finish. The signal
+/// crate's sends wait as long as the socket is full, and a server that stops reading keeps
+/// it full: past this the connection is treated as lost.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Participants watched at once (see [`Source`]); past it, newcomers are not tracked and
+/// `livekit_roster_full` is counted.
+const MAX_WATCHED: usize = 1024;
+
+/// Remote ICE candidates taken per offer; a server has a handful. More are dropped and
+/// counted (`livekit_candidates_dropped`).
+const MAX_REMOTE_CANDIDATES: usize = 32;
+
+/// Ping settings a JoinResponse may carry, in seconds. Zero or negative values would panic
+/// the signal crate's keepalive task; an hour is longer than any server uses.
+const PING_SECS: std::ops::RangeInclusive<i32> = 1..=3600;
+
 /// How a session gets its token.
 #[derive(Debug, Clone)]
 pub enum Credentials {
@@ -199,7 +216,13 @@ pub async fn run(
         }
 
         let outcome = connection.serve(&mut state, stop, &mut failures).await;
-        state.refreshed_token = Some(Secret::new(connection.client.token()));
+        let refreshed = connection.client.token();
+        if is_header_safe(&refreshed) {
+            state.refreshed_token = Some(Secret::new(refreshed));
+        } else {
+            // The server's refresh is unusable; the job's own token may still be valid.
+            tracing::warn!(job_id = %config.job_id, "Ignoring a refreshed token the server sent with characters a header cannot carry");
+        }
         match outcome {
             Served::Ended(end) => {
                 connection.leave(&end).await;
@@ -207,7 +230,7 @@ pub async fn run(
             }
             Served::Lost(message) => {
                 tracing::warn!(job_id = %config.job_id, error = %message, "Lost the room; joining again");
-                connection.client.close().await;
+                close(&connection.client).await;
                 failures += 1;
                 last_error = message;
             }
@@ -279,7 +302,7 @@ impl SessionState<'_> {
             };
 
         let Some(participant) = join.participant.as_ref() else {
-            client.close().await;
+            close(&client).await;
             return Err(JoinError::Failed(
                 "the JoinResponse names no participant".into(),
             ));
@@ -288,23 +311,25 @@ impl SessionState<'_> {
         if !joined_room.is_empty() && joined_room != config.room {
             // The token decides the room; a job that names another one was given the wrong
             // token, and would wait for frames that never come.
-            client.close().await;
+            close(&client).await;
             return Err(JoinError::Invalid(format!(
                 "the token is for room {joined_room:?}, not {:?}",
                 config.room
             )));
         }
-        if join.ping_interval == 0 || join.ping_timeout == 0 {
+        if !PING_SECS.contains(&join.ping_interval) || !PING_SECS.contains(&join.ping_timeout) {
             // livekit-signaling's keepalive task cannot run with a zero interval (it panics
             // in its own task and the connection goes unwatched). No LiveKit server sends
             // one; refuse to run on a connection whose loss we could not notice.
-            client.close().await;
-            return Err(JoinError::Failed(
-                "the server's JoinResponse has no ping interval/timeout".into(),
-            ));
+            close(&client).await;
+            return Err(JoinError::Failed(format!(
+                "the server's JoinResponse has a ping interval of {} s and timeout of {} s; \
+                     both must be 1 to 3600",
+                join.ping_interval, join.ping_timeout
+            )));
         }
         if !join.subscriber_primary {
-            client.close().await;
+            close(&client).await;
             return Err(JoinError::Invalid(
                 "the server did not make the subscriber connection primary; does the token allow subscribing?".into(),
             ));
@@ -324,7 +349,7 @@ impl SessionState<'_> {
         let peer = match Peer::bind(server).await {
             Ok(peer) => peer,
             Err(error) => {
-                client.close().await;
+                close(&client).await;
                 return Err(JoinError::Failed(format!("subscriber peer: {error}")));
             }
         };
@@ -340,6 +365,11 @@ impl SessionState<'_> {
             ready_by: Some(Instant::now() + config.ice_timeout),
             ice_connected: false,
             server_left: false,
+            last_signal: Instant::now(),
+            // Twice the server's own ping timeout: the signal crate's keepalive notices a
+            // dead connection first, unless its task itself is gone.
+            signal_watchdog: Duration::from_secs(2 * join.ping_timeout as u64),
+            remote_candidates: 0,
         })
     }
 
@@ -388,11 +418,23 @@ impl SessionState<'_> {
                  at the idle timeout"
             );
         }
-        if self
+        let evicted = self.dedup.evicted();
+        let verdict = self
             .dedup
-            .check(&packet.participant_sid, packet.sequence, now)
-            == Verdict::Duplicate
-        {
+            .check(&packet.participant_sid, packet.sequence, now);
+        if self.dedup.evicted() > evicted {
+            LiveKitStats::bump(&self.stats.senders_evicted);
+            self.counters.warn(
+                job_id,
+                "livekit_senders_evicted",
+                &format_args!(
+                    "Forgot the longest-silent sender: {} senders are remembered for \
+                     de-duplication (livekit.max_senders)",
+                    self.config.max_senders
+                ),
+            );
+        }
+        if verdict == Verdict::Duplicate {
             LiveKitStats::bump(&self.stats.duplicates);
             return;
         }
@@ -474,6 +516,12 @@ struct Connection {
     ice_connected: bool,
     /// The server sent a leave: we do not send one back.
     server_left: bool,
+    /// When the server last said anything (pongs included).
+    last_signal: Instant,
+    /// Silence from the server past which the connection is taken for lost.
+    signal_watchdog: Duration,
+    /// Remote candidates added since the last offer.
+    remote_candidates: usize,
 }
 
 enum Served {
@@ -531,12 +579,16 @@ impl Connection {
     async fn next(&mut self, state: &mut SessionState<'_>, stop: &CancellationToken) -> Step {
         let grace = state.source.deadline();
         let ready_by = self.ready_by;
+        let silent_until = self.last_signal + self.signal_watchdog;
         let far = Instant::now() + Duration::from_secs(3600);
         tokio::select! {
             biased;
             _ = stop.cancelled() => Step::End(SessionEnd::Stopped),
             event = self.events.recv() => match event {
-                Some(SignalEvent::Message(message)) => self.message(state, *message).await,
+                Some(SignalEvent::Message(message)) => {
+                    self.last_signal = Instant::now();
+                    self.message(state, *message).await
+                }
                 Some(SignalEvent::Close(reason)) => {
                     tracing::warn!(job_id = %state.config.job_id, %reason, "Signal connection lost; resuming");
                     Step::Resume(proto::ReconnectReason::RrSignalDisconnected)
@@ -549,6 +601,10 @@ impl Connection {
             },
             _ = tokio::time::sleep_until(grace.unwrap_or(far).into()), if grace.is_some() => {
                 Step::End(SessionEnd::SourceLeft(state.source.departed_name()))
+            }
+            _ = tokio::time::sleep_until(silent_until.into()) => {
+                tracing::warn!(job_id = %state.config.job_id, silence = ?self.signal_watchdog, "The server has said nothing, not even a pong; resuming");
+                Step::Resume(proto::ReconnectReason::RrSignalDisconnected)
             }
             _ = tokio::time::sleep_until(ready_by.unwrap_or(far).into()), if ready_by.is_some() => {
                 Step::Rejoin(format!(
@@ -585,7 +641,10 @@ impl Connection {
                     id: offer.id,
                     ..Default::default()
                 };
-                self.client.send(Request::Answer(answer.clone())).await;
+                if let Err(step) = self.send(Request::Answer(answer.clone())).await {
+                    return step;
+                }
+                self.remote_candidates = 0;
                 self.last_offer = Some(offer);
                 self.last_answer = Some(answer);
                 self.offered = true;
@@ -593,45 +652,59 @@ impl Connection {
                     self.ready_by = Some(Instant::now() + state.config.ice_timeout);
                 }
                 for candidate in std::mem::take(&mut self.pending_candidates) {
-                    if let Err(error) = self.peer.add_remote_candidate(&candidate) {
-                        tracing::warn!(%job_id, %error, "Ignoring a bad ICE candidate from the server");
-                    }
+                    self.add_candidate(state, &candidate);
                 }
                 let init = serde_json::json!({
                     "candidate": self.peer.local_candidate(),
                     "sdpMid": mid,
                     "sdpMLineIndex": 0,
                 });
-                self.client
-                    .send(Request::Trickle(proto::TrickleRequest {
-                        candidate_init: init.to_string(),
-                        target: proto::SignalTarget::Subscriber as i32,
-                        r#final: false,
-                    }))
-                    .await;
-                Step::Continue
+                let trickle = Request::Trickle(proto::TrickleRequest {
+                    candidate_init: init.to_string(),
+                    target: proto::SignalTarget::Subscriber as i32,
+                    r#final: false,
+                });
+                match self.send(trickle).await {
+                    Ok(()) => Step::Continue,
+                    Err(step) => step,
+                }
             }
             Response::Trickle(trickle) => {
                 if trickle.target != proto::SignalTarget::Subscriber as i32 {
                     return Step::Continue;
                 }
                 let Some(candidate) = candidate_line(&trickle.candidate_init) else {
-                    tracing::warn!(%job_id, "Ignoring a trickle without a candidate");
+                    state.counters.warn(
+                        job_id,
+                        "livekit_bad_candidate",
+                        &"Ignoring a trickle without a candidate",
+                    );
                     return Step::Continue;
                 };
                 if !self.offered {
-                    // Bounded: a server sends a handful of candidates per offer.
-                    if self.pending_candidates.len() < 64 {
+                    if self.pending_candidates.len() < MAX_REMOTE_CANDIDATES {
                         self.pending_candidates.push(candidate);
+                    } else {
+                        LiveKitStats::bump(&state.stats.candidates_dropped);
+                        state.counters.warn(job_id, "livekit_candidates_dropped", &format_args!("Dropped an ICE candidate: more than {MAX_REMOTE_CANDIDATES} before the offer"));
                     }
-                } else if let Err(error) = self.peer.add_remote_candidate(&candidate) {
-                    tracing::warn!(%job_id, %error, "Ignoring a bad ICE candidate from the server");
+                } else {
+                    self.add_candidate(state, &candidate);
                 }
                 Step::Continue
             }
             Response::Update(update) => {
                 for participant in &update.participants {
-                    state.source.update(participant);
+                    if !state.source.update(participant) {
+                        LiveKitStats::bump(&state.stats.roster_full);
+                        state.counters.warn(
+                            job_id,
+                            "livekit_roster_full",
+                            &format_args!(
+                                "Not tracking a participant: {MAX_WATCHED} are tracked already"
+                            ),
+                        );
+                    }
                 }
                 Step::Continue
             }
@@ -734,10 +807,18 @@ impl Connection {
                 .collect(),
             ..Default::default()
         };
-        self.client.send(Request::SyncState(sync)).await;
+        self.send(Request::SyncState(sync)).await?;
         // Pings are held while the client is "reconnecting": release them now, or the ping
         // timeout would end the resumed connection.
-        self.client.set_reconnected().await;
+        if tokio::time::timeout(SEND_TIMEOUT, self.client.set_reconnected())
+            .await
+            .is_err()
+        {
+            return Err(Step::Rejoin(
+                "the resumed connection takes no requests".into(),
+            ));
+        }
+        self.last_signal = Instant::now();
         self.ready_by = Some(now + state.config.ice_timeout).filter(|_| !self.ice_connected);
         tracing::info!(%job_id, reason = reason.as_str_name(), "Resumed the signal connection");
         Ok(())
@@ -752,11 +833,56 @@ impl Connection {
                 action: proto::leave_request::Action::Disconnect as i32,
                 ..Default::default()
             };
-            self.client.send(Request::Leave(leave)).await;
+            // Best effort: a server that takes no requests does not get to hold the job.
+            let _ = self.send(Request::Leave(leave)).await;
         }
         tracing::debug!(ended_by = end.label(), "Leaving the room");
-        self.client.close().await;
+        close(&self.client).await;
     }
+
+    /// Sends a request, or says the connection is lost if it cannot go out in time.
+    async fn send(&self, request: Request) -> Result<(), Step> {
+        tokio::time::timeout(SEND_TIMEOUT, self.client.send(request))
+            .await
+            .map_err(|_| {
+                Step::Rejoin(format!(
+                    "the server took no request for {SEND_TIMEOUT:?} (it stopped reading)"
+                ))
+            })
+    }
+
+    fn add_candidate(&mut self, state: &SessionState<'_>, candidate: &str) {
+        let job_id = &state.config.job_id;
+        if self.remote_candidates >= MAX_REMOTE_CANDIDATES {
+            LiveKitStats::bump(&state.stats.candidates_dropped);
+            state.counters.warn(
+                job_id,
+                "livekit_candidates_dropped",
+                &format_args!(
+                    "Dropped an ICE candidate: more than {MAX_REMOTE_CANDIDATES} for this offer"
+                ),
+            );
+            return;
+        }
+        self.remote_candidates += 1;
+        if let Err(error) = self.peer.add_remote_candidate(candidate) {
+            state.counters.warn(
+                job_id,
+                "livekit_bad_candidate",
+                &format_args!("Ignoring a bad ICE candidate from the server: {error}"),
+            );
+        }
+    }
+}
+
+/// Closes the signal connection, giving up after [`SEND_TIMEOUT`].
+async fn close(client: &SignalClient) {
+    let _ = tokio::time::timeout(SEND_TIMEOUT, client.close()).await;
+}
+
+/// Whether a token can go in an `Authorization` header.
+fn is_header_safe(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Handles what the peer reported: data to the job, ICE state to the connection.
@@ -842,14 +968,16 @@ impl Source {
         }
     }
 
-    fn update(&mut self, participant: &proto::ParticipantInfo) {
+    /// Takes one participant's state. Returns `false` if it could not be tracked because
+    /// [`MAX_WATCHED`] participants are tracked already.
+    fn update(&mut self, participant: &proto::ParticipantInfo) -> bool {
         use proto::participant_info::State;
         if self
             .identity
             .as_ref()
             .is_some_and(|identity| *identity != participant.identity)
         {
-            return;
+            return true;
         }
         let gone = participant.state == State::Disconnected as i32;
         if gone {
@@ -866,11 +994,15 @@ impl Source {
                 // A source that rejoined has a new sid; the old one is gone.
                 self.present.clear();
             }
+            if self.present.len() >= MAX_WATCHED && !self.present.contains_key(&participant.sid) {
+                return false;
+            }
             self.present
                 .insert(participant.sid.clone(), participant.identity.clone());
             self.seen_any = true;
             self.deadline = None;
         }
+        true
     }
 
     /// Takes a full roster (a JoinResponse's other participants): whoever we watched that is
@@ -882,11 +1014,11 @@ impl Source {
             .map(|(sid, identity)| (sid.clone(), identity.clone()))
             .collect();
         for participant in roster {
-            self.update(participant);
+            let _ = self.update(participant);
         }
         for (sid, identity) in watched {
             if !roster.iter().any(|p| p.sid == sid) {
-                self.update(&proto::ParticipantInfo {
+                let _ = self.update(&proto::ParticipantInfo {
                     sid,
                     identity,
                     state: proto::participant_info::State::Disconnected as i32,
@@ -959,6 +1091,26 @@ mod tests {
         assert!(source.deadline().is_none(), "back with a new sid");
         source.reconcile(&[info("someone", "PA_x", State::Active)]);
         assert!(source.deadline().is_some(), "gone while we were away");
+    }
+
+    #[test]
+    fn the_watched_roster_is_bounded() {
+        let mut source = Source::new(None, Duration::ZERO);
+        for i in 0..MAX_WATCHED {
+            assert!(source.update(&info(&format!("p{i}"), &format!("PA_{i}"), State::Active)));
+        }
+        assert!(!source.update(&info("one-more", "PA_more", State::Active)));
+        // Known participants still come and go.
+        assert!(source.update(&info("p0", "PA_0", State::Disconnected)));
+        assert!(source.update(&info("one-more", "PA_more", State::Active)));
+    }
+
+    #[test]
+    fn refreshed_tokens_must_fit_a_header() {
+        assert!(is_header_safe("eyJhbGciOiJIUzI1NiJ9.e30.sig"));
+        assert!(!is_header_safe("evil\r\nX-Injected: 1"));
+        assert!(!is_header_safe(""));
+        assert!(!is_header_safe("with space"));
     }
 
     #[test]
