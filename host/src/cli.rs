@@ -758,9 +758,9 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
                 print_summary(&mut std::io::stdout(), report)
             }
             _ => eprintln!(
-                "job {} {:?}: {} ({})",
+                "job {} {}: {} ({})",
                 spec.id,
-                last.state,
+                format!("{:?}", last.state).to_lowercase(),
                 last.error.as_deref().unwrap_or("no reason given"),
                 last.reason.as_deref().unwrap_or("-")
             ),
@@ -961,7 +961,7 @@ async fn stop(id: &str, args: NatsArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         _ => {
-            eprintln!("job {id}: no host is running it (no answer within 5 s)");
+            eprintln!("job {id}: no host answered that it runs this job");
             Ok(ExitCode::FAILURE)
         }
     }

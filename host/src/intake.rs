@@ -100,15 +100,18 @@ pub async fn connect(
         tracing::info!(url = %config.url, "Connecting to NATS (retrying until it answers)");
         options = options.retry_on_initial_connect();
     }
+    // A service says when it (re)connects; a command a person runs need not.
+    let service = first == FirstConnect::Retry;
     options
         .name("framehost")
         .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move {
+        .event_callback(move |event| async move {
             match event {
                 async_nats::Event::Disconnected => {
                     tracing::warn!("NATS connection lost; reconnecting")
                 }
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
+                async_nats::Event::Connected if service => tracing::info!("NATS connected"),
+                async_nats::Event::Connected => tracing::debug!("NATS connected"),
                 other => tracing::debug!(event = %other, "NATS event"),
             }
         })
