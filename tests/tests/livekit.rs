@@ -738,3 +738,51 @@ async fn a_token_for_another_room_fails_the_job() {
         format!("expected a permanent bad_job naming both rooms, got {last:?}"),
     );
 }
+
+/// A publisher that never stops: the job ends at its maximum duration, as finished, with
+/// the frames it got, and leaves the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_ends_at_its_maximum_duration() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let mut c = cluster(&double).await;
+    c.start_host("host-a").await;
+    let generator = StreamGenerator::new(StreamOptions {
+        frames: None,
+        ..frames(0, 10.0)
+    })
+    .unwrap();
+
+    let mut spec = room_job("room-max", "cam-14");
+    if let SourceSpec::LiveKit(room) = &mut spec.source {
+        room.max_duration_secs = Some(3);
+    }
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.within(
+        JOIN,
+        "the host to join cam-14",
+        double.wait_subscribers("cam-14", 1, JOIN),
+    )
+    .await;
+    let running = generator.spawn(double.publisher("cam-14", SOURCE));
+
+    let last = final_status(&c, &mut watch).await;
+    running.stop();
+    let sent = running.finish().await;
+    let r = report(&c, &last);
+    c.check(
+        last.state == JobState::Finished
+            && r.ended_by == "max_duration"
+            && r.frames_processed > 0
+            && r.frames_processed <= sent.frames,
+        format!("expected Finished by max_duration with some frames; sent {sent:?}, got {last:?}"),
+    );
+    c.within(Duration::from_secs(10), "the host's leave", async {
+        while double.leaves_received("cam-14") == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
