@@ -919,12 +919,21 @@ async fn capture_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
             return Err(error.into());
         }
     };
+    let report = stats.report();
     if records == 0 {
         let _ = std::fs::remove_file(&partial);
         println!(
-            "no packet arrived from room {:?} (ended by {}); nothing written",
+            "no packet arrived from room {:?} (ended by {}); nothing written{}",
             source.room,
-            ended_by.unwrap_or(end.label())
+            ended_by.unwrap_or(end.label()),
+            if report.encrypted + report.undecodable > 0 {
+                format!(
+                    " ({} end-to-end encrypted and {} undecodable packets were dropped)",
+                    report.encrypted, report.undecodable
+                )
+            } else {
+                String::new()
+            }
         );
         return Ok(ExitCode::FAILURE);
     }
@@ -935,17 +944,16 @@ async fn capture_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
             args.out.display()
         )
     })?;
-    let report = stats.report();
     println!(
-        "{}: {records} packets, {:.1} MiB from room {:?}; ended by {}; {} duplicates, {} dropped (queue full), {} resumes, {} rejoins",
+        "{}: {records} packets, {:.1} MiB from room {:?}; ended by {}",
         args.out.display(),
         bytes as f64 / (1 << 20) as f64,
         source.room,
         ended_by.unwrap_or(end.label()),
-        report.duplicates,
-        report.queue_full,
-        report.resumes,
-        report.rejoins
+    );
+    println!(
+        "livekit: {}",
+        serde_json::to_string(&report).unwrap_or_default()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -19,6 +19,12 @@ pub const RELIABLE_LABEL: &str = "_reliable";
 /// Largest datagram read. Above any path MTU, so nothing arrives truncated.
 const DATAGRAM_BYTES: usize = 2048;
 
+/// Largest offer taken. A data-only subscriber offer is one or two KiB.
+pub const MAX_OFFER_BYTES: usize = 64 << 10;
+
+/// Candidates kept from an offer.
+pub const MAX_OFFER_CANDIDATES: usize = 32;
+
 /// Datagrams already waiting that one [`Peer::io`] takes after the one it waited for.
 const RECEIVE_BATCH: usize = 64;
 
@@ -90,8 +96,41 @@ impl Peer {
 
     /// Answers the server's offer. A second offer (after a resume) with new ICE credentials
     /// restarts ICE; DTLS, SCTP and the open channels carry on.
+    ///
+    /// Bounded before it is parsed: at most [`MAX_OFFER_BYTES`], at most
+    /// [`MAX_OFFER_CANDIDATES`] candidates kept (str0m's cost per candidate grows with the
+    /// candidates it has), and it must carry a data-channel section.
     pub fn accept_offer(&mut self, sdp: &str) -> Result<String, PeerError> {
-        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| PeerError::Sdp(e.to_string()))?;
+        if sdp.len() > MAX_OFFER_BYTES {
+            return Err(PeerError::Sdp(format!(
+                "the offer is {} bytes; a data-only offer is a few KiB (at most {MAX_OFFER_BYTES})",
+                sdp.len()
+            )));
+        }
+        if !sdp.lines().any(|line| line.starts_with("m=application")) {
+            return Err(PeerError::Sdp(
+                "the offer has no data-channel (m=application) section".into(),
+            ));
+        }
+        let mut candidates = 0;
+        let sdp: String = sdp
+            .split_inclusive('\n')
+            .filter(|line| {
+                if !line.starts_with("a=candidate") {
+                    return true;
+                }
+                candidates += 1;
+                candidates <= MAX_OFFER_CANDIDATES
+            })
+            .collect();
+        if candidates > MAX_OFFER_CANDIDATES {
+            tracing::warn!(
+                candidates,
+                kept = MAX_OFFER_CANDIDATES,
+                "The server's offer lists too many ICE candidates; keeping the first ones"
+            );
+        }
+        let offer = SdpOffer::from_sdp_string(&sdp).map_err(|e| PeerError::Sdp(short(&e)))?;
         let answer: SdpAnswer = self.rtc.sdp_api().accept_offer(offer)?;
         Ok(answer.to_sdp_string())
     }
@@ -228,6 +267,18 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// The first line of a parser's error, without the addresses some of them print: it goes
+/// into job statuses.
+fn short(error: &dyn std::fmt::Display) -> String {
+    let text = error.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let first = match first.find(" at PointerOffset") {
+        Some(at) => &first[..at],
+        None => first,
+    };
+    first.chars().take(200).collect()
+}
+
 /// The local address the kernel would send from toward `server`. Connecting a UDP socket
 /// sends nothing; it only picks the route.
 async fn route_to(server: IpAddr) -> std::io::Result<IpAddr> {
@@ -239,4 +290,28 @@ async fn route_to(server: IpAddr) -> std::io::Result<IpAddr> {
     let probe = UdpSocket::bind(SocketAddr::new(unspecified, 0)).await?;
     probe.connect(SocketAddr::new(server, 9)).await?;
     Ok(probe.local_addr()?.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn offers_are_bounded_before_they_are_parsed() {
+        let mut peer = Peer::bind("127.0.0.1".parse().unwrap()).await.unwrap();
+        let no_data = peer
+            .accept_offer("v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n")
+            .unwrap_err();
+        assert!(no_data.to_string().contains("m=application"), "{no_data}");
+        let huge = format!(
+            "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n{}",
+            "a=candidate:1 1 udp 1 10.0.0.1 9 typ host\r\n".repeat(5_000)
+        );
+        let too_big = peer.accept_offer(&huge).unwrap_err();
+        assert!(too_big.to_string().contains("bytes"), "{too_big}");
+        let garbage = peer
+            .accept_offer("m=application\r\nnot sdp at all\r\n")
+            .unwrap_err();
+        assert!(!garbage.to_string().contains('\n'), "one line: {garbage}");
+    }
 }

@@ -229,7 +229,9 @@ pub async fn run(
                 return Ok(end);
             }
             Served::Lost(message) => {
-                tracing::warn!(job_id = %config.job_id, error = %message, "Lost the room; joining again");
+                if failures < config.retry.attempts {
+                    tracing::warn!(job_id = %config.job_id, error = %message, "Lost the room; joining again");
+                }
                 close(&connection.client).await;
                 failures += 1;
                 last_error = message;
@@ -565,6 +567,15 @@ impl Connection {
             *failures += 1;
             if *failures > state.config.retry.attempts {
                 return Served::Lost(format!("resume budget spent ({})", reason.as_str_name()));
+            }
+            if *failures > 1 {
+                // Resumes in a row back off as rejoins do: a server that drops every new
+                // connection must not spend the budget in a blink.
+                let delay = state.config.retry.delay(*failures - 1);
+                tokio::select! {
+                    _ = stop.cancelled() => return Served::Ended(SessionEnd::Stopped),
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
             match self.resume(state, reason, stop).await {
                 Ok(()) => LiveKitStats::bump(&state.stats.resumes),
