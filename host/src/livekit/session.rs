@@ -195,6 +195,7 @@ pub async fn run(
             }
         }
 
+        let rejoining = state.joined;
         // A join can take a few seconds against a slow server; a stop must not wait for it.
         let joined = tokio::select! {
             _ = stop.cancelled() => return Ok(SessionEnd::Stopped),
@@ -211,7 +212,7 @@ pub async fn run(
                 continue;
             }
         };
-        if failures > 0 {
+        if rejoining {
             LiveKitStats::bump(&stats.rejoins);
         }
 
