@@ -686,6 +686,20 @@ fn nats_config(args: &NatsArgs) -> anyhow::Result<crate::config::NatsConfig> {
 
 async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let nats = nats_config(&args.nats)?;
+    // Not the token: it may come from the environment, set for other commands.
+    let room_options = args.room.livekit_url.is_some()
+        || args.room.source_identity.is_some()
+        || args.room.max_duration_secs.is_some()
+        || args.room.idle_timeout_secs.is_some();
+    if args.capture.is_some() && room_options {
+        bail!(
+            "--livekit-url, --source-identity, --max-duration-secs and --idle-timeout-secs \
+             are for --room jobs, not --capture"
+        );
+    }
+    if args.room.room.is_some() && args.realtime {
+        bail!("--realtime is for --capture jobs: a room is always live");
+    }
     let source = match (&args.capture, args.room.source()) {
         (Some(capture), _) => SourceSpec::Capture {
             path: std::path::absolute(capture)
