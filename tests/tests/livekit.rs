@@ -786,3 +786,67 @@ async fn a_job_ends_at_its_maximum_duration() {
     })
     .await;
 }
+
+/// `capture record` never touches an existing file unless told to, and a recording that
+/// fails before anything arrived leaves no file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_recording_leaves_existing_files_alone() {
+    let double = LiveKitDouble::start(DoubleOptions::default())
+        .await
+        .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let record = |out: &std::path::Path, token: &str, extra: &[&str]| {
+        let mut command = tokio::process::Command::new(artifacts::framehost_bin());
+        command
+            .args(["capture", "record", "--room", "cam-15", "--livekit-url"])
+            .arg(double.url())
+            .args(["--idle-timeout-secs", "2", "--out"])
+            .arg(out)
+            .args(extra)
+            .env("FRAMEHOST_LIVEKIT_TOKEN", token)
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("ALL_PROXY");
+        command.output()
+    };
+
+    let existing = scratch.path().join("kept.fhcap");
+    std::fs::write(&existing, b"an earlier recording").unwrap();
+    let good = double.subscriber_token("cam-15", "recorder");
+    let refused = record(&existing, &good, &[]).await.unwrap();
+    assert!(
+        !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--force"),
+        "an existing --out must be refused: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    let forged = livekit_api::access_token::AccessToken::with_api_key("devkey", "forged")
+        .with_grants(livekit_api::access_token::VideoGrants {
+            room_join: true,
+            room: "cam-15".into(),
+            ..Default::default()
+        })
+        .with_identity("recorder")
+        .to_jwt()
+        .unwrap();
+    let failed = record(&existing, &forged, &["--force"]).await.unwrap();
+    assert!(
+        !failed.status.success()
+            && String::from_utf8_lossy(&failed.stderr).contains("refused the token"),
+        "a refused token must fail the recording: {}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&existing).unwrap(),
+        b"an earlier recording",
+        "a failed recording must leave the earlier file as it was"
+    );
+    let fresh = scratch.path().join("fresh.fhcap");
+    let failed = record(&fresh, &forged, &[]).await.unwrap();
+    assert!(!failed.status.success());
+    let left: Vec<_> = std::fs::read_dir(scratch.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["kept.fhcap"], "no partial or empty file may be left");
+}
