@@ -141,11 +141,7 @@ pub fn synth(
             "frames, parts and image-kib must be positive".into(),
         ));
     }
-    if !(0.001..=1000.0).contains(&options.fps) {
-        return Err(SynthError::Invalid(
-            "fps must be between 0.001 and 1000".into(),
-        ));
-    }
+    check_fps(options.fps)?;
     if options.parts > 64 {
         tracing::warn!(
             parts = options.parts,
@@ -162,16 +158,9 @@ pub fn synth(
         (None, Some(_)) => (640, 480),
         (None, None) => size_for(options.image_kib),
     };
-    if width < 16 || height < 16 || width > 8192 || height > 8192 {
-        return Err(SynthError::Invalid(format!(
-            "frame size {width}x{height} is out of range"
-        )));
-    }
+    check_size(width, height)?;
 
-    let photos: Vec<RgbImage> = PHOTOS
-        .iter()
-        .map(|bytes| image::load_from_memory(bytes).map(|i| i.to_rgb8()))
-        .collect::<Result<_, _>>()?;
+    let photos = load_photos()?;
     let mut scene = Scene::new(options, width, height);
     let render =
         |index: u32, objects: &[Object]| render(&photos, index, frames, width, height, objects);
@@ -203,7 +192,7 @@ pub fn synth(
         ..Default::default()
     };
     let mut image_bytes_total = 0u64;
-    let start_ms = 1_767_225_600_000i64; // 2026-01-01T00:00:00Z
+    let start_ms = START_MS;
 
     for index in 0..frames {
         let objects = match &mot {
@@ -278,29 +267,18 @@ pub fn render_messages(options: &SynthOptions, count: u32) -> Result<RenderedFra
             "count and image-kib must be positive".into(),
         ));
     }
-    if !(0.001..=1000.0).contains(&options.fps) {
-        return Err(SynthError::Invalid(
-            "fps must be between 0.001 and 1000".into(),
-        ));
-    }
+    check_fps(options.fps)?;
     let (width, height) = options.size.unwrap_or_else(|| size_for(options.image_kib));
-    if width < 16 || height < 16 || width > 8192 || height > 8192 {
-        return Err(SynthError::Invalid(format!(
-            "frame size {width}x{height} is out of range"
-        )));
-    }
+    check_size(width, height)?;
 
-    let photos: Vec<RgbImage> = PHOTOS
-        .iter()
-        .map(|bytes| image::load_from_memory(bytes).map(|i| i.to_rgb8()))
-        .collect::<Result<_, _>>()?;
+    let photos = load_photos()?;
     let mut scene = Scene::new(options, width, height);
     let quality = pick_quality(
         &render(&photos, 0, count, width, height, &scene.objects()),
         options.image_kib as usize * 1024,
     )?;
 
-    let start_ms = 1_767_225_600_000i64; // 2026-01-01T00:00:00Z, as in synth
+    let start_ms = START_MS;
     let mut messages = Vec::with_capacity(count as usize);
     for index in 0..count {
         let objects = scene.step();
@@ -325,6 +303,35 @@ pub fn render_messages(options: &SynthOptions, count: u32) -> Result<RenderedFra
         jpeg_quality: quality,
         messages,
     })
+}
+
+/// When a synthetic capture's first frame was "sent": 2026-01-01T00:00:00Z, in Unix ms.
+const START_MS: i64 = 1_767_225_600_000;
+
+fn check_fps(fps: f64) -> Result<(), SynthError> {
+    if !(0.001..=1000.0).contains(&fps) {
+        return Err(SynthError::Invalid(
+            "fps must be between 0.001 and 1000".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_size(width: u32, height: u32) -> Result<(), SynthError> {
+    if width < 16 || height < 16 || width > 8192 || height > 8192 {
+        return Err(SynthError::Invalid(format!(
+            "frame size {width}x{height} is out of range"
+        )));
+    }
+    Ok(())
+}
+
+/// The photographs frames are cropped from, decoded.
+fn load_photos() -> Result<Vec<RgbImage>, SynthError> {
+    Ok(PHOTOS
+        .iter()
+        .map(|bytes| image::load_from_memory(bytes).map(|i| i.to_rgb8()))
+        .collect::<Result<_, _>>()?)
 }
 
 /// The frame's message, shaped like the upstream service's.

@@ -905,8 +905,8 @@ fn peer_events(
     state: &mut SessionState<'_>,
 ) -> Step {
     let mut step = Step::Continue;
-    let events: Vec<PeerEvent> = peer.take_events().collect();
-    for event in events {
+    // Drained in place: this runs for every datagram batch.
+    for event in peer.take_events() {
         match event {
             PeerEvent::Reliable(bytes) => state.reliable(&bytes),
             PeerEvent::Ignored => LiveKitStats::bump(&state.stats.other_channels),
