@@ -9,9 +9,11 @@ use async_nats::jetstream::{self, message::StreamMessage};
 use framehost::capture::synth::SynthOptions;
 use framehost::config::{Config, JobTypeConfig, NatsConfig};
 use framehost::job::JobSpec;
+use framehost::livekit::{LiveKitSource, Secret};
 use framehost::source::SourceSpec;
 use tempfile::TempDir;
 
+use crate::livekit::LiveKitDouble;
 use crate::{HostProcess, JobWatch, NatsServer, captures};
 
 /// Log lines of each host shown when a test fails.
@@ -164,6 +166,32 @@ impl Cluster {
                 path: capture.to_path_buf(),
                 realtime,
             },
+            config: serde_json::json!({}),
+        }
+    }
+
+    /// Points the hosts' `[livekit]` section at `double`, with its key and secret.
+    pub fn use_livekit(&mut self, double: &LiveKitDouble) {
+        let lk = &mut self.config.livekit;
+        lk.url = Some(double.url());
+        lk.api_key = Some(double.api_key().to_owned());
+        lk.api_secret = Some(Secret::new(double.api_secret()));
+    }
+
+    /// A job in the LiveKit room `room` that ends when `source_identity` leaves; the host
+    /// mints its token.
+    pub fn room_job(&self, id: &str, job_type: &str, room: &str, source_identity: &str) -> JobSpec {
+        JobSpec {
+            id: id.to_owned(),
+            job_type: job_type.to_owned(),
+            source: SourceSpec::LiveKit(LiveKitSource {
+                room: room.to_owned(),
+                url: None,
+                token: None,
+                source_identity: Some(source_identity.to_owned()),
+                max_duration_secs: None,
+                idle_timeout_secs: None,
+            }),
             config: serde_json::json!({}),
         }
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use framehost::intake::{JobState, JobStatus};
 use framehost::job::{FailureKind, JobReport, JobSpec};
-use framehost::livekit::{LiveKitSource, Secret};
+use framehost::livekit::Secret;
 use framehost::source::SourceSpec;
 use framehost_tests::livekit::generator::{Fault, StreamGenerator, StreamOptions};
 use framehost_tests::livekit::{DisconnectReason, DoubleOptions, LeaveAction, LiveKitDouble};
@@ -26,31 +26,13 @@ const SOURCE: &str = "vision-service";
 async fn cluster(double: &LiveKitDouble) -> Cluster {
     let mut c = Cluster::start().await;
     c.serve_job_type("track", artifacts::tracker());
+    c.use_livekit(double);
     let lk = &mut c.config.livekit;
-    lk.url = Some(double.url());
-    lk.api_key = Some("devkey".into());
-    lk.api_secret = Some(Secret::new("secret"));
     // A publisher that left is gone for good in these tests.
     lk.source_grace_ms = 300;
     lk.retry_initial_delay_ms = 100;
     lk.retry_max_delay_ms = 1_000;
     c
-}
-
-fn room_job(id: &str, room: &str) -> JobSpec {
-    JobSpec {
-        id: id.into(),
-        job_type: "track".into(),
-        source: SourceSpec::LiveKit(LiveKitSource {
-            room: room.into(),
-            url: None,
-            token: None,
-            source_identity: Some(SOURCE.into()),
-            max_duration_secs: None,
-            idle_timeout_secs: None,
-        }),
-        config: serde_json::json!({}),
-    }
 }
 
 fn frames(n: u64, fps: f64) -> StreamOptions {
@@ -60,6 +42,23 @@ fn frames(n: u64, fps: f64) -> StreamOptions {
         image_kib: 30,
         ..Default::default()
     }
+}
+
+/// Subscribes to the job's statuses, submits it, and returns once the host has joined its
+/// room (only then does the double forward what a publisher sends).
+async fn submit_and_join(c: &Cluster, double: &LiveKitDouble, spec: &JobSpec) -> JobWatch {
+    let watch = c.watch(&spec.id).await;
+    c.submit(spec).await;
+    let SourceSpec::LiveKit(source) = &spec.source else {
+        panic!("{} is not a room job", spec.id);
+    };
+    c.within(
+        JOIN,
+        format!("the host to join {}", source.room),
+        double.wait_subscribers(&source.room, 1, JOIN),
+    )
+    .await;
+    watch
 }
 
 async fn final_status(c: &Cluster, watch: &mut JobWatch) -> JobStatus {
@@ -87,15 +86,8 @@ async fn room_job_runs_until_the_publisher_leaves() {
     c.start_host("host-a").await;
     let generator = StreamGenerator::new(frames(40, 10.0)).unwrap();
 
-    let spec = room_job("room-ok", "cam-1");
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    c.within(
-        JOIN,
-        "the host to join cam-1",
-        double.wait_subscribers("cam-1", 1, JOIN),
-    )
-    .await;
+    let spec = c.room_job("room-ok", "track", "cam-1", SOURCE);
+    let mut watch = submit_and_join(&c, &double, &spec).await;
     let sent = generator.run(&double.publisher("cam-1", SOURCE)).await;
 
     let last = final_status(&c, &mut watch).await;
@@ -171,15 +163,8 @@ async fn a_dropped_signal_connection_is_resumed_without_losing_the_job() {
     c.start_host("host-a").await;
     let generator = StreamGenerator::new(frames(60, 10.0)).unwrap();
 
-    let spec = room_job("room-resume", "cam-2");
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    c.within(
-        JOIN,
-        "the host to join cam-2",
-        double.wait_subscribers("cam-2", 1, JOIN),
-    )
-    .await;
+    let spec = c.room_job("room-resume", "track", "cam-2", SOURCE);
+    let mut watch = submit_and_join(&c, &double, &spec).await;
     let running = generator.spawn(double.publisher("cam-2", SOURCE));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     double.close_signal("cam-2");
@@ -223,15 +208,8 @@ async fn a_silent_server_is_detected_by_ping_timeout_and_resumed() {
     c.start_host("host-a").await;
     let generator = StreamGenerator::new(frames(60, 10.0)).unwrap();
 
-    let spec = room_job("room-pings", "cam-3");
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    c.within(
-        JOIN,
-        "the host to join cam-3",
-        double.wait_subscribers("cam-3", 1, JOIN),
-    )
-    .await;
+    let spec = c.room_job("room-pings", "track", "cam-3", SOURCE);
+    let mut watch = submit_and_join(&c, &double, &spec).await;
     let running = generator.spawn(double.publisher("cam-3", SOURCE));
     double.stop_pongs("cam-3", true);
     c.within(JOIN, "a resume after the ping timeout", async {
@@ -276,15 +254,8 @@ async fn a_chunk_gap_and_a_missing_trailer_are_counted_and_the_job_goes_on() {
     })
     .unwrap();
 
-    let spec = room_job("room-faults", "cam-4");
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    c.within(
-        JOIN,
-        "the host to join cam-4",
-        double.wait_subscribers("cam-4", 1, JOIN),
-    )
-    .await;
+    let spec = c.room_job("room-faults", "track", "cam-4", SOURCE);
+    let mut watch = submit_and_join(&c, &double, &spec).await;
     let publisher = double.publisher("cam-4", SOURCE);
     let sent = generator.run(&publisher).await;
     // A replay of an early packet, as a server's room cache replay would send it: the
@@ -337,7 +308,12 @@ async fn ten_rooms_at_once_on_one_host() {
 
     let mut watches = Vec::new();
     for i in 0..ROOMS {
-        let spec = room_job(&format!("room-many-{i}"), &format!("many-{i}"));
+        let spec = c.room_job(
+            &format!("room-many-{i}"),
+            "track",
+            &format!("many-{i}"),
+            SOURCE,
+        );
         watches.push(c.watch(&spec.id).await);
         c.submit(&spec).await;
     }
@@ -382,7 +358,7 @@ async fn a_refused_token_fails_the_job_with_that_reason() {
     c.config.nats.nak_delay_secs = 60;
     c.start_host("host-a").await;
 
-    let minted = room_job("room-refused", "cam-5");
+    let minted = c.room_job("room-refused", "track", "cam-5", SOURCE);
     let mut watch = c.watch(&minted.id).await;
     c.submit(&minted).await;
     let last = final_status(&c, &mut watch).await;
@@ -410,7 +386,7 @@ async fn a_refused_token_fails_the_job_with_that_reason() {
         })
         .to_jwt()
         .unwrap();
-    let mut own = room_job("room-refused-own", "cam-5");
+    let mut own = c.room_job("room-refused-own", "track", "cam-5", SOURCE);
     if let SourceSpec::LiveKit(room) = &mut own.source {
         room.token = Some(Secret::new(forged.clone()));
     }
@@ -449,15 +425,8 @@ async fn the_room_closing_ends_the_job() {
     })
     .unwrap();
 
-    let spec = room_job("room-closed", "cam-6");
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    c.within(
-        JOIN,
-        "the host to join cam-6",
-        double.wait_subscribers("cam-6", 1, JOIN),
-    )
-    .await;
+    let spec = c.room_job("room-closed", "track", "cam-6", SOURCE);
+    let mut watch = submit_and_join(&c, &double, &spec).await;
     let publisher = double.publisher("cam-6", SOURCE);
     generator.run(&publisher).await;
     // Let the last frame reach the host before the room goes.
@@ -488,11 +457,11 @@ async fn idle_rooms_time_out_and_stop_requests_end_room_jobs() {
     let mut c = cluster(&double).await;
     c.start_host("host-a").await;
 
-    let mut idle = room_job("room-idle", "cam-7");
+    let mut idle = c.room_job("room-idle", "track", "cam-7", SOURCE);
     if let SourceSpec::LiveKit(room) = &mut idle.source {
         room.idle_timeout_secs = Some(2);
     }
-    let stopped = room_job("room-stopped", "cam-8");
+    let stopped = c.room_job("room-stopped", "track", "cam-8", SOURCE);
     let mut idle_watch = c.watch(&idle.id).await;
     let mut stop_watch = c.watch(&stopped.id).await;
     c.submit(&idle).await;
@@ -546,7 +515,7 @@ async fn an_unreachable_server_fails_the_job_as_transient() {
     c.config.nats.nak_delay_secs = 60;
     c.start_host("host-a").await;
 
-    let spec = room_job("room-unreachable", "cam-9");
+    let spec = c.room_job("room-unreachable", "track", "cam-9", SOURCE);
     let mut watch = c.watch(&spec.id).await;
     c.submit(&spec).await;
     let last = final_status(&c, &mut watch).await;
@@ -573,15 +542,8 @@ async fn a_refused_resume_falls_back_to_a_full_rejoin() {
     c.start_host("host-a").await;
     let generator = StreamGenerator::new(frames(60, 10.0)).unwrap();
 
-    let spec = room_job("room-rejoin", "cam-10");
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    c.within(
-        JOIN,
-        "the host to join cam-10",
-        double.wait_subscribers("cam-10", 1, JOIN),
-    )
-    .await;
+    let spec = c.room_job("room-rejoin", "track", "cam-10", SOURCE);
+    let mut watch = submit_and_join(&c, &double, &spec).await;
     double.refuse_resume(true);
     let running = generator.spawn(double.publisher("cam-10", SOURCE));
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -626,15 +588,8 @@ async fn the_publisher_leaving_mid_stream_ends_the_job_cleanly() {
     })
     .unwrap();
 
-    let spec = room_job("room-torn", "cam-11");
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    c.within(
-        JOIN,
-        "the host to join cam-11",
-        double.wait_subscribers("cam-11", 1, JOIN),
-    )
-    .await;
+    let spec = c.room_job("room-torn", "track", "cam-11", SOURCE);
+    let mut watch = submit_and_join(&c, &double, &spec).await;
     generator.run(&double.publisher("cam-11", SOURCE)).await;
 
     let last = final_status(&c, &mut watch).await;
@@ -720,7 +675,7 @@ async fn a_token_for_another_room_fails_the_job() {
     let mut c = cluster(&double).await;
     c.start_host("host-a").await;
 
-    let mut spec = room_job("room-wrong-token", "cam-13");
+    let mut spec = c.room_job("room-wrong-token", "track", "cam-13", SOURCE);
     if let SourceSpec::LiveKit(room) = &mut spec.source {
         room.token = Some(Secret::new(double.subscriber_token("elsewhere", "viewer")));
     }
@@ -754,18 +709,11 @@ async fn a_job_ends_at_its_maximum_duration() {
     })
     .unwrap();
 
-    let mut spec = room_job("room-max", "cam-14");
+    let mut spec = c.room_job("room-max", "track", "cam-14", SOURCE);
     if let SourceSpec::LiveKit(room) = &mut spec.source {
         room.max_duration_secs = Some(3);
     }
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    c.within(
-        JOIN,
-        "the host to join cam-14",
-        double.wait_subscribers("cam-14", 1, JOIN),
-    )
-    .await;
+    let mut watch = submit_and_join(&c, &double, &spec).await;
     let running = generator.spawn(double.publisher("cam-14", SOURCE));
 
     let last = final_status(&c, &mut watch).await;

@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use framehost::intake::JobState;
-use framehost::job::{JobReport, JobSpec};
-use framehost::livekit::{LiveKitSource, Secret};
-use framehost::source::SourceSpec;
+use framehost::job::JobReport;
 use framehost_tests::livekit::generator::{StreamGenerator, StreamOptions, StreamReport};
 use framehost_tests::livekit::{DoubleOptions, LiveKitDouble};
 use framehost_tests::{Cluster, artifacts};
@@ -107,30 +105,11 @@ async fn setup(max_jobs: usize) -> (Cluster, LiveKitDouble, u32) {
     let mut c = Cluster::start().await;
     c.serve_job_type("track", artifacts::tracker());
     c.config.host.max_jobs = max_jobs;
-    let lk = &mut c.config.livekit;
-    lk.url = Some(double.url());
-    lk.api_key = Some("devkey".into());
-    lk.api_secret = Some(Secret::new("secret"));
-    lk.source_grace_ms = 200;
+    c.use_livekit(&double);
+    c.config.livekit.source_grace_ms = 200;
     let host = c.start_host("bench").await;
     let pid = c.host(host).pid().expect("the host runs");
     (c, double, pid)
-}
-
-fn room_job(id: &str, room: &str) -> JobSpec {
-    JobSpec {
-        id: id.into(),
-        job_type: "track".into(),
-        source: SourceSpec::LiveKit(LiveKitSource {
-            room: room.into(),
-            url: None,
-            token: None,
-            source_identity: Some(SOURCE.into()),
-            max_duration_secs: None,
-            idle_timeout_secs: None,
-        }),
-        config: json!({}),
-    }
 }
 
 async fn rooms(args: RoomsArgs) -> serde_json::Value {
@@ -152,7 +131,12 @@ async fn rooms(args: RoomsArgs) -> serde_json::Value {
 
     let mut watches = Vec::new();
     for i in 0..args.rooms {
-        let spec = room_job(&format!("bench-{i}"), &format!("bench-{i}"));
+        let spec = c.room_job(
+            &format!("bench-{i}"),
+            "track",
+            &format!("bench-{i}"),
+            SOURCE,
+        );
         watches.push(c.watch(&spec.id).await);
         c.submit(&spec).await;
     }
@@ -277,7 +261,7 @@ async fn churn(args: ChurnArgs) -> serde_json::Value {
             while Instant::now() < deadline {
                 let n = next_room.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let room = format!("churn-{n}");
-                let spec = room_job(&room, &room);
+                let spec = c.room_job(&room, "track", &room, SOURCE);
                 let mut watch = c.watch(&spec.id).await;
                 c.submit(&spec).await;
                 c.within(

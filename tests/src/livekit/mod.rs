@@ -55,7 +55,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use livekit_api::access_token::{AccessToken, VideoGrants};
+use framehost::livekit::token::{self, ApiKey, Secret};
+use livekit_api::access_token::VideoGrants;
 use livekit_protocol as proto;
 use prost::Message as _;
 use tokio::net::TcpListener;
@@ -200,24 +201,27 @@ impl LiveKitDouble {
         self.inner.url.clone()
     }
 
-    /// A token for a hidden, subscribe-only participant, signed with the double's key:
-    /// the grants docs/livekit-participant.md section 7 asks of the host.
+    /// The API key tokens must be signed for.
+    pub fn api_key(&self) -> &str {
+        &self.shared().options.api_key
+    }
+
+    /// The API secret tokens must be signed with.
+    pub fn api_secret(&self) -> &str {
+        &self.shared().options.api_secret
+    }
+
+    /// A token for a hidden, subscribe-only participant, signed with the double's key and
+    /// secret: the one the host would mint itself (`framehost::livekit::token::mint`).
     pub fn subscriber_token(&self, room: &str, identity: &str) -> String {
-        let options = &self.shared().options;
-        AccessToken::with_api_key(&options.api_key, &options.api_secret)
-            .with_identity(identity)
-            .with_ttl(Duration::from_secs(600))
-            .with_grants(VideoGrants {
-                room_join: true,
-                room: room.to_owned(),
-                can_subscribe: Some(true),
-                can_publish: Some(false),
-                can_publish_data: Some(false),
-                hidden: true,
-                ..Default::default()
-            })
-            .to_jwt()
+        let api = ApiKey {
+            key: self.api_key().to_owned(),
+            secret: Secret::new(self.api_secret()),
+        };
+        token::mint(&api, room, identity, Duration::from_secs(600))
             .expect("a token with a key, a secret and an identity encodes")
+            .expose()
+            .to_owned()
     }
 
     /// Joins a simulated publisher to `room` (made on first use). The room's subscribers get
