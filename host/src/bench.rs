@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, JobTypeConfig};
+use crate::config::{Config, Limits};
 use crate::job::{self, JobReport, JobSettings, JobSpec};
 use crate::sandbox::{JobInfo, Plugin, Sandbox};
 use crate::source::SourceSpec;
@@ -338,7 +338,7 @@ async fn jobs(args: JobsArgs) -> anyhow::Result<serde_json::Value> {
 /// A loaded plugin and everything needed to run jobs with it.
 struct Bench {
     config: Config,
-    job_type: JobTypeConfig,
+    limits: Limits,
     job_config: serde_json::Value,
     plugin: Plugin,
     /// Time to compile and link the component.
@@ -362,7 +362,7 @@ impl Bench {
         let compile = compiled.elapsed();
 
         Ok(Self {
-            job_type: JobTypeConfig::new(&args.plugin),
+            limits: config.catalogue.defaults,
             config,
             job_config,
             plugin,
@@ -371,7 +371,7 @@ impl Bench {
     }
 
     fn settings(&self) -> JobSettings {
-        JobSettings::new(&self.config, &self.job_type)
+        JobSettings::new(&self.config, &self.limits)
     }
 
     /// Runs one job over `capture` and checks that every frame reached the plugin: a run

@@ -13,14 +13,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::capture::synth::{self, SynthOptions};
 use crate::capture::{CaptureMeta, CaptureReader, CaptureWriter};
-use crate::config::{Config, JobTypeConfig};
+use crate::catalogue::Catalogue;
+use crate::catalogue::dir::DirSource;
+use crate::config::{Config, Limits};
 use crate::intake::{self, JobState};
 use crate::job::{self, JobEvent, JobReport, JobSettings, JobSpec};
 use crate::livekit::{self, LiveKitSource, LiveKitStats, PacketQueue, Secret, SessionEnd};
-use crate::registry::Registry;
 use crate::sandbox::Sandbox;
 use crate::source::SourceSpec;
 use crate::telemetry::{self, JobCounters};
+
+mod plugin;
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +59,9 @@ enum Command {
     /// Submit or stop jobs on NATS.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Check plugins, and publish, list and roll back the versions a cluster serves.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
     /// Measure throughput, job start time and memory over many jobs (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
@@ -196,8 +202,8 @@ struct NatsArgs {
     /// NATS server URL [default: the config's nats.url, else nats://127.0.0.1:4222].
     #[arg(long, env = "FRAMEHOST_NATS_URL")]
     nats: Option<String>,
-    /// Configuration file whose [nats] section names the stream and subjects (defaults
-    /// otherwise).
+    /// Configuration file whose [nats] section names the stream and subjects, and whose
+    /// [catalogue] section the plugin buckets and default limits (defaults otherwise).
     #[arg(long, short)]
     config: Option<PathBuf>,
 }
@@ -332,6 +338,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Capture(CaptureCommand::Record(args)) => capture_record(args).await,
         Command::Job(JobCommand::Submit(args)) => submit(*args).await,
         Command::Job(JobCommand::Stop { id, nats }) => stop(&id, nats).await,
+        Command::Plugin(command) => plugin::run(command).await,
         Command::Bench(command) => crate::bench::run(command).await,
     }
 }
@@ -341,14 +348,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = args.nats {
         config.nats.url = url;
     }
-    if config.job_types.is_empty() {
+    if config.job_types.is_empty() && config.catalogue.dir.is_none() && !config.catalogue.nats {
         bail!(
-            "{} lists no [job_types]: this host would serve nothing",
+            "{} lists no [job_types], no catalogue.dir, and catalogue.nats is off: this host \
+             would serve nothing",
             args.config.display()
         );
     }
     let sandbox = Sandbox::new(config.sandbox_config())?;
-    let registry = Registry::load(&sandbox, &config)?;
+    let catalogue = Catalogue::new(sandbox, &config);
     let lk = &config.livekit;
     let can_mint = lk.api_key.is_some() && lk.api_secret.is_some();
     if lk.url.is_none() || !can_mint {
@@ -363,7 +371,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    intake::serve(Arc::new(config), Arc::new(registry), shutdown).await?;
+    let files = DirSource::new(catalogue.clone(), &config).spawn(shutdown.child_token());
+    intake::serve(Arc::new(config), catalogue, shutdown).await?;
+    files.abort();
     tracing::info!("Stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -422,10 +432,12 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         config: job_config,
     };
     spec.validate()?;
-    let mut job_type = JobTypeConfig::new(&args.plugin);
-    job_type.memory_mib = args.memory_mib;
-    job_type.call_deadline_ms = args.deadline_ms;
-    let mut settings = JobSettings::new(&config, &job_type);
+    let limits = Limits {
+        memory_mib: args.memory_mib,
+        call_deadline_ms: args.deadline_ms,
+        ..config.catalogue.defaults
+    };
+    let mut settings = JobSettings::new(&config, &limits);
     settings.progress_interval = Duration::from_millis(200);
 
     let results_on_stdout = args.results.as_deref() == Some(Path::new("-"));

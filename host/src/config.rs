@@ -25,7 +25,10 @@ pub struct Config {
     pub decode: DecodeConfig,
     pub sandbox: SandboxSection,
     pub livekit: LiveKitConfig,
-    /// Job types this host serves, by name. A job whose type is not listed fails permanently.
+    pub catalogue: CatalogueConfig,
+    /// Job types this host serves from local files, by name. Routes from the catalogue
+    /// directory and from NATS add to these; a job whose type nobody routes fails
+    /// permanently.
     pub job_types: BTreeMap<String, JobTypeConfig>,
 }
 
@@ -399,30 +402,137 @@ impl LiveKitConfig {
 #[serde(deny_unknown_fields)]
 pub struct JobTypeConfig {
     /// Path of the plugin component (`.wasm`), relative to the config file's directory.
+    /// Watched: a changed file is loaded without a restart.
     pub plugin: PathBuf,
-    /// Linear memory per job, in MiB. Default 64.
-    #[serde(default = "default_memory_mib")]
+    /// Limits for this job type; what is left out comes from `[catalogue.defaults]`.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub call_deadline_ms: Option<u64>,
+    #[serde(default)]
+    pub on_trap: Option<TrapPolicy>,
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
+    #[serde(default)]
+    pub queue_depth: Option<usize>,
+}
+
+impl JobTypeConfig {
+    pub fn new(plugin: impl Into<PathBuf>) -> Self {
+        Self {
+            plugin: plugin.into(),
+            memory_mib: None,
+            call_deadline_ms: None,
+            on_trap: None,
+            max_restarts: None,
+            queue_depth: None,
+        }
+    }
+
+    /// What this section sets, over `defaults`.
+    pub fn limits(&self, defaults: &Limits) -> Limits {
+        LimitsPatch {
+            memory_mib: self.memory_mib,
+            call_deadline_ms: self.call_deadline_ms,
+            on_trap: self.on_trap,
+            max_restarts: self.max_restarts,
+            queue_depth: self.queue_depth,
+        }
+        .apply(defaults)
+    }
+}
+
+/// The limits a job type's jobs run under. Part of a route: pushed with a plugin version,
+/// or set in `[job_types.T]`, `[catalogue.defaults]` or a `<job type>.toml` beside a
+/// watched plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Linear memory per job, in MiB. Default 64; at most `sandbox.max_memory_mib`.
     pub memory_mib: u64,
     /// Milliseconds one plugin call may run. Default 5,000.
-    #[serde(default = "default_call_deadline_ms")]
     pub call_deadline_ms: u64,
     /// What a trap (panic, memory limit, deadline) does: `fail` the job, or `restart`
     /// the plugin and drop the frame, up to `max_restarts` times. Default `fail`.
-    #[serde(default)]
     pub on_trap: TrapPolicy,
     /// Restarts allowed per job under `on_trap = "restart"`. Default 3.
-    #[serde(default = "default_max_restarts")]
     pub max_restarts: u32,
+    /// Decoded frames waiting for the plugin, per job. Default: `host.queue_depth`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<usize>,
 }
 
-fn default_memory_mib() -> u64 {
-    64
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_mib: 64,
+            call_deadline_ms: 5_000,
+            on_trap: TrapPolicy::Fail,
+            max_restarts: 3,
+            queue_depth: None,
+        }
+    }
 }
-fn default_call_deadline_ms() -> u64 {
-    5_000
+
+impl Limits {
+    pub fn plugin_limits(&self) -> PluginLimits {
+        PluginLimits {
+            memory_bytes: self.memory_mib << 20,
+            call_deadline: Duration::from_millis(self.call_deadline_ms),
+        }
+    }
+
+    /// Whether a host whose pool slots hold `max_memory_mib` can run jobs under these.
+    pub fn check(&self, max_memory_mib: u64) -> Result<(), String> {
+        if self.memory_mib == 0 || self.memory_mib > max_memory_mib {
+            return Err(format!(
+                "memory_mib {} must be between 1 and this host's sandbox.max_memory_mib ({max_memory_mib})",
+                self.memory_mib
+            ));
+        }
+        if !(1..=3_600_000).contains(&self.call_deadline_ms) {
+            return Err(format!(
+                "call_deadline_ms {} must be between 1 and 3600000",
+                self.call_deadline_ms
+            ));
+        }
+        if self.max_restarts > 1000 {
+            return Err(format!(
+                "max_restarts {} must be at most 1000",
+                self.max_restarts
+            ));
+        }
+        if let Some(depth) = self.queue_depth
+            && !(1..=4096).contains(&depth)
+        {
+            return Err(format!("queue_depth {depth} must be between 1 and 4096"));
+        }
+        Ok(())
+    }
 }
-fn default_max_restarts() -> u32 {
-    3
+
+/// Some limits, to lay over others: a `<job type>.toml` beside a watched plugin, or the
+/// options of `plugin push`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsPatch {
+    pub memory_mib: Option<u64>,
+    pub call_deadline_ms: Option<u64>,
+    pub on_trap: Option<TrapPolicy>,
+    pub max_restarts: Option<u32>,
+    pub queue_depth: Option<usize>,
+}
+
+impl LimitsPatch {
+    pub fn apply(&self, base: &Limits) -> Limits {
+        Limits {
+            memory_mib: self.memory_mib.unwrap_or(base.memory_mib),
+            call_deadline_ms: self.call_deadline_ms.unwrap_or(base.call_deadline_ms),
+            on_trap: self.on_trap.unwrap_or(base.on_trap),
+            max_restarts: self.max_restarts.unwrap_or(base.max_restarts),
+            queue_depth: self.queue_depth.or(base.queue_depth),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -433,22 +543,74 @@ pub enum TrapPolicy {
     Restart,
 }
 
-impl JobTypeConfig {
-    pub fn new(plugin: impl Into<PathBuf>) -> Self {
+/// Where plugins come from besides `[job_types]`, and where their compiled code is kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CatalogueConfig {
+    /// A directory of plugins, watched: `<job type>.wasm` serves that job type, with limits
+    /// from an optional `<job type>.toml` beside it. Default: none.
+    pub dir: Option<PathBuf>,
+    /// Milliseconds between looks at `dir` and the `[job_types]` files; a changed file is
+    /// loaded once it has stayed the same for one interval. Default 2,000.
+    pub poll_interval_ms: u64,
+    /// Follow the routes published with `framehost plugin push` in the NATS key-value
+    /// bucket `routes_bucket`. A route there wins over a local one for the same job type.
+    /// Default true.
+    pub nats: bool,
+    /// Key-value bucket of routes (job type → plugin digest and limits). Default
+    /// `framehost-routes`.
+    pub routes_bucket: String,
+    /// Object store holding plugin bytes, named by digest. Default `framehost-plugins`.
+    pub objects_bucket: String,
+    /// Key-value bucket where each replica says which versions it serves. Default
+    /// `framehost-replicas`.
+    pub replicas_bucket: String,
+    /// Largest plugin accepted, in MiB. Default 64.
+    pub max_plugin_mib: u64,
+    /// Keep compiled plugins on disk, so that a restart does not compile again. Default true.
+    pub cache: bool,
+    /// Where compiled plugins are kept. Default `$XDG_CACHE_HOME/framehost/compiled`, else
+    /// `$HOME/.cache/framehost/compiled`. Mount a volume here in a container.
+    pub cache_dir: Option<PathBuf>,
+    /// Limits for job types whose route does not set them.
+    pub defaults: Limits,
+}
+
+impl Default for CatalogueConfig {
+    fn default() -> Self {
         Self {
-            plugin: plugin.into(),
-            memory_mib: default_memory_mib(),
-            call_deadline_ms: default_call_deadline_ms(),
-            on_trap: TrapPolicy::default(),
-            max_restarts: default_max_restarts(),
+            dir: None,
+            poll_interval_ms: 2_000,
+            nats: true,
+            routes_bucket: "framehost-routes".into(),
+            objects_bucket: "framehost-plugins".into(),
+            replicas_bucket: "framehost-replicas".into(),
+            max_plugin_mib: 64,
+            cache: true,
+            cache_dir: None,
+            defaults: Limits::default(),
         }
     }
+}
 
-    pub fn plugin_limits(&self) -> PluginLimits {
-        PluginLimits {
-            memory_bytes: self.memory_mib << 20,
-            call_deadline: Duration::from_millis(self.call_deadline_ms),
+impl CatalogueConfig {
+    /// The compiled-code directory, if the cache is on and a place for it is known.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        if !self.cache {
+            return None;
         }
+        if let Some(dir) = &self.cache_dir {
+            return Some(dir.clone());
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|v| !v.is_empty())
+                    .map(|home| PathBuf::from(home).join(".cache"))
+            })?;
+        Some(base.join("framehost").join("compiled"))
     }
 }
 
@@ -480,6 +642,15 @@ impl Config {
         for job_type in config.job_types.values_mut() {
             if job_type.plugin.is_relative() {
                 job_type.plugin = base.join(&job_type.plugin);
+            }
+        }
+        let catalogue = &mut config.catalogue;
+        for dir in [&mut catalogue.dir, &mut catalogue.cache_dir]
+            .into_iter()
+            .flatten()
+        {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
             }
         }
         config.livekit.apply_env();
@@ -564,19 +735,38 @@ impl Config {
                 self.host.max_jobs
             ));
         }
+        let max_memory_mib = self.sandbox.max_memory_mib;
+        self.catalogue
+            .defaults
+            .check(max_memory_mib)
+            .or_else(|e| invalid(format!("catalogue.defaults: {e}")))?;
         for (name, job_type) in &self.job_types {
-            if job_type.memory_mib > self.sandbox.max_memory_mib {
+            crate::catalogue::check_job_type(name)
+                .or_else(|e| invalid(format!("job_types.{name}: {e}")))?;
+            job_type
+                .limits(&self.catalogue.defaults)
+                .check(max_memory_mib)
+                .or_else(|e| invalid(format!("job_types.{name}: {e}")))?;
+        }
+        let c = &self.catalogue;
+        if !(50..=3_600_000).contains(&c.poll_interval_ms) {
+            return invalid("catalogue.poll_interval_ms must be between 50 and 3600000".into());
+        }
+        if !(1..=1024).contains(&c.max_plugin_mib) {
+            return invalid("catalogue.max_plugin_mib must be between 1 and 1024".into());
+        }
+        for (name, bucket) in [
+            ("routes_bucket", &c.routes_bucket),
+            ("objects_bucket", &c.objects_bucket),
+            ("replicas_bucket", &c.replicas_bucket),
+        ] {
+            let valid = !bucket.is_empty()
+                && bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid {
                 return invalid(format!(
-                    "job_types.{name}.memory_mib ({}) exceeds sandbox.max_memory_mib ({})",
-                    job_type.memory_mib, self.sandbox.max_memory_mib
-                ));
-            }
-            if job_type.memory_mib == 0 {
-                return invalid(format!("job_types.{name}.memory_mib must be at least 1"));
-            }
-            if job_type.call_deadline_ms == 0 {
-                return invalid(format!(
-                    "job_types.{name}.call_deadline_ms must be positive"
+                    "catalogue.{name} {bucket:?} must be made of A-Z a-z 0-9 - _"
                 ));
             }
         }
@@ -624,7 +814,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let tracking = &config.job_types["tracking"];
+        let tracking = config.job_types["tracking"].limits(&config.catalogue.defaults);
         assert_eq!(tracking.plugin_limits().memory_bytes, 32 << 20);
         assert_eq!(
             tracking.plugin_limits().call_deadline,
@@ -677,6 +867,6 @@ mod tests {
         let config: Config =
             toml::from_str("[job_types.t]\nplugin = \"p.wasm\"\nmemory_mib = 4096").unwrap();
         let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("exceeds sandbox.max_memory_mib"), "{err}");
+        assert!(err.contains("job_types.t: memory_mib 4096"), "{err}");
     }
 }

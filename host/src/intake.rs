@@ -30,9 +30,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::catalogue::{self, Catalogue};
 use crate::config::{Config, NatsConfig};
 use crate::job::{self, FailureKind, JobError, JobEvent, JobReport, JobSettings, JobSpec};
-use crate::registry::Registry;
 
 /// Header carrying a result's frame index.
 pub const FRAME_HEADER: &str = "Framehost-Frame";
@@ -191,7 +191,7 @@ pub async fn ensure_streams(
 /// `host.shutdown_grace_secs` and hands the rest back to the queue.
 pub async fn serve(
     config: Arc<Config>,
-    registry: Arc<Registry>,
+    catalogue: Arc<Catalogue>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let client = tokio::select! {
@@ -210,12 +210,50 @@ pub async fn serve(
         watcher = watch_max_deliveries(client.clone(), js.clone(), config.clone()) => watcher?,
         _ = shutdown.cancelled() => return Ok(()),
     };
+    // The catalogue's cluster side: routes pushed with `plugin push`, and this replica's
+    // status for `plugin list`. Stopped with the host.
+    let catalogue_stop = CancellationToken::new();
+    let _stop_catalogue = catalogue_stop.clone().drop_guard();
+    let buckets = tokio::select! {
+        buckets = catalogue::nats::Buckets::open(&js, &config.catalogue) => buckets?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    if config.catalogue.nats {
+        catalogue::nats::spawn_follow(
+            catalogue.clone(),
+            js.clone(),
+            buckets.clone(),
+            catalogue_stop.clone(),
+        );
+    }
+    let status = catalogue::nats::spawn_status(
+        catalogue.clone(),
+        buckets.replicas.clone(),
+        host.clone(),
+        catalogue_stop.clone(),
+    );
+    tokio::select! {
+        _ = catalogue.ready() => {}
+        _ = shutdown.cancelled() => return Ok(()),
+    }
+    let loaded = catalogue.status();
+    let refused: Vec<_> = loaded
+        .routes
+        .iter()
+        .filter(|(_, r)| r.refused.is_some())
+        .map(|(t, _)| t.as_str())
+        .collect();
+    if !refused.is_empty() {
+        tracing::warn!(job_types = ?refused, "Some plugin versions were refused (see above, or `framehost plugin list`)");
+    }
     tracing::info!(
         host = %host,
         stream = %config.nats.stream,
         consumer = %config.nats.consumer,
         max_jobs = config.host.max_jobs,
-        job_types = ?registry.job_types().collect::<Vec<_>>(),
+        job_types = ?catalogue.job_types(),
+        compiled = loaded.counts.compiles,
+        from_cache = loaded.counts.cache_hits,
         "Serving jobs"
     );
 
@@ -242,7 +280,7 @@ pub async fn serve(
             Ok(Some(message)) => {
                 let runner = Runner {
                     config: config.clone(),
-                    registry: registry.clone(),
+                    catalogue: catalogue.clone(),
                     client: client.clone(),
                     js: js.clone(),
                     host: host.clone(),
@@ -284,6 +322,11 @@ pub async fn serve(
         while running.join_next().await.is_some() {}
     }
     given_up.abort();
+    catalogue_stop.cancel();
+    // The status task removes this replica from the bucket on its way out.
+    tokio::time::timeout(Duration::from_secs(2), status)
+        .await
+        .ok();
     client.flush().await.ok();
     Ok(())
 }
@@ -436,7 +479,7 @@ async fn next_job(consumer: &consumer::PullConsumer) -> anyhow::Result<Option<je
 /// Runs one delivered job and settles its message.
 struct Runner {
     config: Arc<Config>,
-    registry: Arc<Registry>,
+    catalogue: Arc<Catalogue>,
     client: async_nats::Client,
     js: jetstream::Context,
     host: String,
@@ -480,11 +523,24 @@ impl Runner {
             report: None,
         };
 
-        let Some(route) = self.registry.route(&spec.job_type) else {
-            let error = JobError::permanent(
-                "unknown_job_type",
-                format!("no plugin serves job type {:?} on this host", spec.job_type),
-            );
+        let Some(route) = self.catalogue.route(&spec.job_type) else {
+            let error = if self.catalogue.is_wanted(&spec.job_type) {
+                // Routed, but its version is loading or was refused here: another replica
+                // (or this one, a moment later) may serve it.
+                JobError::transient(
+                    "plugin_not_loaded",
+                    format!(
+                        "job type {:?} is routed but no version of it is loaded on this host \
+                         (still loading, or refused: see `framehost plugin list`)",
+                        spec.job_type
+                    ),
+                )
+            } else {
+                JobError::permanent(
+                    "unknown_job_type",
+                    format!("no plugin serves job type {:?} on this host", spec.job_type),
+                )
+            };
             self.fail(&message, &spec, delivery, error).await;
             return;
         };
@@ -599,7 +655,7 @@ impl Runner {
             })
         };
 
-        let settings = JobSettings::new(&self.config, &route.job_type);
+        let settings = JobSettings::new(&self.config, &route.limits);
         let outcome = job::run(&spec, &route.plugin, &settings, events_tx, stop.clone()).await;
         publisher.await.ok();
         watcher.abort();
@@ -785,7 +841,7 @@ fn one_line(text: &str) -> String {
         .collect()
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())

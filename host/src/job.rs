@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::assembly::{Assembler, AssemblyEvent, AssemblyLimits};
 use crate::capture::CaptureReader;
-use crate::config::{Config, JobTypeConfig, LiveKitConfig, TrapPolicy};
+use crate::config::{Config, Limits, LiveKitConfig, TrapPolicy};
 use crate::decode::{self, DecodeError, DecodeLimits, Frame};
 use crate::livekit::{self, LiveKitReport, LiveKitSource, LiveKitStats, PacketQueue, SessionError};
 use crate::queue::FrameQueue;
@@ -114,15 +114,16 @@ pub struct JobSettings {
 }
 
 impl JobSettings {
-    pub fn new(config: &Config, job_type: &JobTypeConfig) -> Self {
+    /// The settings of a job that runs under `limits`.
+    pub fn new(config: &Config, limits: &Limits) -> Self {
         Self {
             streams: config.streams.limits(),
             assembly: config.assembly.limits(),
             decode: config.decode.limits(),
-            queue_depth: config.host.queue_depth,
-            plugin: job_type.plugin_limits(),
-            on_trap: job_type.on_trap,
-            max_restarts: job_type.max_restarts,
+            queue_depth: limits.queue_depth.unwrap_or(config.host.queue_depth),
+            plugin: limits.plugin_limits(),
+            on_trap: limits.on_trap,
+            max_restarts: limits.max_restarts,
             progress_interval: Duration::from_secs(config.host.progress_interval_secs.max(1)),
             livekit: config.livekit.clone(),
         }

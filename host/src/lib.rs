@@ -11,6 +11,7 @@
 pub mod assembly;
 pub mod bench;
 pub mod capture;
+pub mod catalogue;
 pub mod cli;
 pub mod config;
 pub mod decode;
@@ -18,7 +19,6 @@ pub mod intake;
 pub mod job;
 pub mod livekit;
 pub mod queue;
-pub mod registry;
 pub mod sandbox;
 pub mod source;
 pub mod streams;

@@ -224,21 +224,53 @@ impl Sandbox {
         &self.config
     }
 
-    /// Compiles a component and checks it against the world. Takes a while (seconds for a
-    /// large plugin): load a version once, then instantiate it per job.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles a component (seconds for a large plugin) and checks it against the world.
+    /// Load a version once, then instantiate it per job.
     pub fn load(&self, name: &str, bytes: &[u8]) -> Result<Plugin, LoadError> {
-        let digest = digest_of(bytes);
-        let component = Component::from_binary(&self.engine, bytes).map_err(LoadError::Compile)?;
+        let component = self.compile(bytes)?;
+        self.link(name, &digest_of(bytes), bytes.len(), &component)
+    }
+
+    /// Compiles a component's bytes to machine code for this engine.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Component, LoadError> {
+        Component::from_binary(&self.engine, bytes).map_err(LoadError::Compile)
+    }
+
+    /// Loads machine code [`Component::serialize`] produced for an engine with this one's
+    /// settings; code for another engine or wasmtime version is refused with an error.
+    ///
+    /// # Safety
+    ///
+    /// `code` must be bytes `Component::serialize` wrote, unchanged: wasmtime runs them as
+    /// machine code, so anything else is arbitrary code execution.
+    pub unsafe fn deserialize(&self, code: &[u8]) -> wasmtime::Result<Component> {
+        // SAFETY: forwarded to the caller.
+        unsafe { Component::deserialize(&self.engine, code) }
+    }
+
+    /// Checks a compiled component's imports against what the host provides and looks up
+    /// the world's exports; the result is ready to instantiate.
+    pub fn link(
+        &self,
+        name: &str,
+        digest: &str,
+        size: usize,
+        component: &Component,
+    ) -> Result<Plugin, LoadError> {
         let pre = self
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .map_err(LoadError::World)?;
         let pre = FrameProcessorPre::new(pre).map_err(LoadError::World)?;
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 name: name.to_owned(),
-                digest,
-                size: bytes.len(),
+                digest: digest.to_owned(),
+                size,
                 pre,
                 sandbox: self.clone(),
             }),
@@ -286,12 +318,66 @@ impl Plugin {
         self.inner.size
     }
 
+    /// The compiled component, to serialize into a cache.
+    pub fn component(&self) -> &Component {
+        self.inner.pre.instance_pre().component()
+    }
+
+    /// A handle that does not keep the compiled code alive.
+    pub fn downgrade(&self) -> WeakPlugin {
+        WeakPlugin(Arc::downgrade(&self.inner))
+    }
+
+    /// Instantiates the plugin once without calling it, then drops the instance. This
+    /// checks what linking cannot: the types of the exported functions (the bindings look
+    /// them up with their types on instantiation), and that the component's start-up code
+    /// runs within `limits`. Takes a pool slot for the moment.
+    pub async fn trial(&self, limits: PluginLimits) -> Result<(), CallError> {
+        let job = JobInfo {
+            job_id: "trial".into(),
+            job_type: String::new(),
+            room: String::new(),
+            config_json: "{}".into(),
+        };
+        let mut store = self.store(&job, limits);
+        self.instantiate_in(&mut store).await.map(drop)
+    }
+
     /// Creates the job's instance and calls its `init`.
     pub async fn instantiate(
         &self,
         job: &JobInfo,
         limits: PluginLimits,
     ) -> Result<Processor, CallError> {
+        let mut store = self.store(job, limits);
+        let bindings = self.instantiate_in(&mut store).await?;
+        let mut processor = Processor {
+            store,
+            bindings,
+            plugin: self.clone(),
+        };
+        let info = wit::JobInfo {
+            job_id: job.job_id.clone(),
+            job_type: job.job_type.clone(),
+            room: job.room.clone(),
+            config_json: job.config_json.clone(),
+        };
+        processor
+            .call(|bindings, store| {
+                Box::pin(async move {
+                    bindings
+                        .framehost_plugin_processor()
+                        .call_init(store, &info)
+                        .await
+                })
+            })
+            .await?;
+        Ok(processor)
+    }
+
+    /// A store for one instance: its WASI context (no files, network or environment), its
+    /// output capture and its limits.
+    fn store(&self, job: &JobInfo, limits: PluginLimits) -> Store<PluginState> {
         let sandbox = &self.inner.sandbox;
         let config = &sandbox.config;
         let memory_limit = limits.memory_bytes.min(config.max_memory_bytes);
@@ -338,41 +424,33 @@ impl Plugin {
             // Yield on every tick so that a busy plugin shares its worker thread.
             Ok(UpdateDeadline::Yield(1))
         });
+        store
+    }
 
+    /// Instantiates the component in `store`, under the store's call deadline.
+    async fn instantiate_in(
+        &self,
+        store: &mut Store<PluginState>,
+    ) -> Result<FrameProcessor, CallError> {
         store.data_mut().start_call();
         store.set_epoch_deadline(1);
-        let bindings = match self.inner.pre.instantiate_async(&mut store).await {
-            Ok(bindings) => bindings,
-            Err(error) => {
-                return Err(match classify(store.data(), error) {
-                    CallError::Trap(message) => CallError::Instantiate(message),
-                    other => other,
-                });
-            }
-        };
+        match self.inner.pre.instantiate_async(&mut *store).await {
+            Ok(bindings) => Ok(bindings),
+            Err(error) => Err(match classify(store.data(), error) {
+                CallError::Trap(message) => CallError::Instantiate(message),
+                other => other,
+            }),
+        }
+    }
+}
 
-        let mut processor = Processor {
-            store,
-            bindings,
-            plugin: self.clone(),
-        };
-        let info = wit::JobInfo {
-            job_id: job.job_id.clone(),
-            job_type: job.job_type.clone(),
-            room: job.room.clone(),
-            config_json: job.config_json.clone(),
-        };
-        processor
-            .call(|bindings, store| {
-                Box::pin(async move {
-                    bindings
-                        .framehost_plugin_processor()
-                        .call_init(store, &info)
-                        .await
-                })
-            })
-            .await?;
-        Ok(processor)
+/// A [`Plugin`] that may have been dropped: see [`Plugin::downgrade`].
+#[derive(Clone)]
+pub struct WeakPlugin(std::sync::Weak<PluginInner>);
+
+impl WeakPlugin {
+    pub fn upgrade(&self) -> Option<Plugin> {
+        self.0.upgrade().map(|inner| Plugin { inner })
     }
 }
 

@@ -59,12 +59,15 @@ impl Cluster {
             .await
             .unwrap_or_else(|e| panic!("cannot connect to nats-server at {}: {e}", nats.url()));
         let js = jetstream::new(client.clone());
-        let mut config = Config::default();
-        config.nats.url = nats.url();
         let scratch = tempfile::Builder::new()
             .prefix("framehost-test-")
             .tempdir()
             .expect("cannot create a scratch directory");
+        let mut config = Config::default();
+        config.nats.url = nats.url();
+        // Each test compiles into its own cache: nothing is shared with other tests or the
+        // user's own cache.
+        config.catalogue.cache_dir = Some(scratch.path().join("compiled"));
         Self {
             nats,
             client,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use framehost::capture::CaptureReader;
-use framehost::config::{Config, JobTypeConfig};
+use framehost::config::{Config, Limits};
 use framehost::decode::{Frame, ImageFormat};
 use framehost::job::{self, JobSettings};
 use framehost::telemetry::JobCounters;
@@ -268,7 +268,7 @@ async fn truncated_capture_fails_with_bad_capture() {
 
 /// Every frame of a capture, through the library's own sans-IO path.
 fn frames_of(capture: &Path) -> Vec<Frame> {
-    let settings = JobSettings::new(&Config::default(), &JobTypeConfig::new("unused.wasm"));
+    let settings = JobSettings::new(&Config::default(), &Limits::default());
     let start = Instant::now();
     let counters = Arc::new(JobCounters::default());
     let mut path = job::Path::new("check".into(), &settings, counters, start);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use framehost::config::{Config, JobTypeConfig, TrapPolicy};
+use framehost::config::{Config, Limits, TrapPolicy};
 use framehost::job::{self, FailureKind, JobError, JobReport, JobSettings, JobSpec};
 use framehost::sandbox::{LoadError, Plugin, Sandbox, SandboxConfig};
 use framehost::source::SourceSpec;
@@ -71,10 +71,10 @@ fn spec(id: &str, config: serde_json::Value) -> JobSpec {
 fn spawn_job(
     spec: JobSpec,
     plugin: &Plugin,
-    job_type: JobTypeConfig,
+    limits: Limits,
 ) -> tokio::task::JoinHandle<Result<JobReport, JobError>> {
     let plugin = plugin.clone();
-    let settings = JobSettings::new(&Config::default(), &job_type);
+    let settings = JobSettings::new(&Config::default(), &limits);
     tokio::spawn(async move {
         let (events, mut received) = mpsc::channel(16);
         let drain = tokio::spawn(async move { while received.recv().await.is_some() {} });
@@ -84,22 +84,22 @@ fn spawn_job(
     })
 }
 
-fn misbehave_type(configure: impl FnOnce(&mut JobTypeConfig)) -> JobTypeConfig {
-    let mut job_type = JobTypeConfig::new(artifacts::misbehave());
-    configure(&mut job_type);
-    job_type
+fn misbehave_type(configure: impl FnOnce(&mut Limits)) -> Limits {
+    let mut limits = Limits::default();
+    configure(&mut limits);
+    limits
 }
 
 /// Runs a misbehaving job next to a tracker job on the shared engine; checks that the
 /// tracker job processed every frame and returns the misbehaving job's error.
-async fn fails_beside_a_good_job(mode: serde_json::Value, job_type: JobTypeConfig) -> JobError {
+async fn fails_beside_a_good_job(mode: serde_json::Value, limits: Limits) -> JobError {
     let engine = engine();
     let good = spawn_job(
         spec("good", serde_json::json!({})),
         &engine.tracker,
-        JobTypeConfig::new(artifacts::tracker()),
+        Limits::default(),
     );
-    let bad = spawn_job(spec("bad", mode.clone()), &engine.misbehave, job_type);
+    let bad = spawn_job(spec("bad", mode.clone()), &engine.misbehave, limits);
     let (good, bad) = within(JOB, "both jobs to end", String::new, async {
         (
             good.await.expect("good job task"),
@@ -347,7 +347,7 @@ async fn a_stop_ends_a_realtime_job_waiting_out_a_long_gap() {
     };
     let settings = JobSettings::new(
         &Config::default(),
-        &JobTypeConfig::new(artifacts::tracker()),
+        &Limits::default(),
     );
     let stop = CancellationToken::new();
     let run = {

@@ -1,0 +1,617 @@
+//! The cluster source: plugin bytes in a JetStream object store, routes in a key-value
+//! bucket that every replica watches, and each replica's view of them in a second bucket.
+//!
+//! - Objects are named by digest (`sha256-<hex>`), so an object never changes once
+//!   written; `plugin push` uploads one only when it is missing.
+//! - Routes are keys `route.<job type>` whose value is a [`RouteDoc`]. Every push records
+//!   the revision it replaced, so `plugin rollback` walks back down the chain (as deep as
+//!   the bucket's history, [`ROUTE_HISTORY`] writes per job type) instead of flipping
+//!   between two versions. Writes compare and set, so two pushes at once cannot both claim
+//!   the same previous version.
+//! - Each replica writes its [`ReplicaStatus`] under its host name on every change and
+//!   every [`HEARTBEAT`]; the bucket forgets a replica [`REPLICA_TTL`] after its last word,
+//!   so a dead one drops out of `plugin list` on its own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream::{self, kv, object_store::ObjectStore};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+
+use super::{Catalogue, CatalogueStatus, Fetch, Origin, Refusal, RouteSpec, Step, check_job_type};
+use crate::config::{CatalogueConfig, Limits, LimitsPatch};
+
+/// Writes kept per job type in the routes bucket: how far rollback can go. The most the
+/// server allows.
+pub const ROUTE_HISTORY: i64 = 64;
+/// How often a replica repeats its status when nothing changes.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How long a replica's status outlives its last write.
+pub const REPLICA_TTL: Duration = Duration::from_secs(30);
+/// Longest a plugin download may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A route as stored in the routes bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteDoc {
+    /// `sha256:<hex>` of the component.
+    pub digest: String,
+    /// The file name it was pushed from, without extension.
+    pub name: String,
+    pub size: u64,
+    pub limits: Limits,
+    /// The revision this write replaced, for rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<u64>,
+    /// Unix seconds.
+    pub pushed_at: u64,
+    /// `user@host` of whoever pushed or rolled back.
+    pub pushed_by: String,
+    /// Set by `plugin rollback`: the digest it rolled back from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_from: Option<String>,
+}
+
+/// One replica's catalogue, as it last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub host: String,
+    /// framehost's version.
+    pub version: String,
+    /// Unix seconds.
+    pub started_at: u64,
+    /// Unix milliseconds of this report.
+    pub updated_ms: u64,
+    #[serde(flatten)]
+    pub catalogue: CatalogueStatus,
+}
+
+/// The three buckets.
+#[derive(Clone)]
+pub struct Buckets {
+    pub routes: kv::Store,
+    pub objects: ObjectStore,
+    pub replicas: kv::Store,
+    routes_stream: String,
+}
+
+impl Buckets {
+    /// Opens the buckets, creating any that is missing.
+    pub async fn open(js: &jetstream::Context, config: &CatalogueConfig) -> anyhow::Result<Self> {
+        let routes = open_kv(
+            js,
+            &config.routes_bucket,
+            "framehost: plugin version and limits per job type",
+            ROUTE_HISTORY,
+            Duration::ZERO,
+        )
+        .await?;
+        let objects = match js.get_object_store(&config.objects_bucket).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_object_store(jetstream::object_store::Config {
+                    bucket: config.objects_bucket.clone(),
+                    description: Some("framehost: plugin components by digest".into()),
+                    ..Default::default()
+                })
+                .await
+                .with_context(|| format!("cannot create object store {}", config.objects_bucket))?,
+        };
+        let replicas = open_kv(
+            js,
+            &config.replicas_bucket,
+            "framehost: what each host replica serves",
+            1,
+            REPLICA_TTL,
+        )
+        .await?;
+        Ok(Self {
+            routes,
+            objects,
+            replicas,
+            routes_stream: format!("KV_{}", config.routes_bucket),
+        })
+    }
+
+    /// Whether the routes bucket holds nothing at all, asked of the server now.
+    async fn routes_empty(&self, js: &jetstream::Context) -> bool {
+        match js.get_stream(&self.routes_stream).await {
+            Ok(mut stream) => stream
+                .info()
+                .await
+                .map(|info| info.state.messages == 0)
+                .unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Opens a key-value bucket, creating its stream when missing. The stream is made here, as
+/// the client's `create_key_value` would make it, because that call first asks for account
+/// details that servers before 2.10 answer in a shape the client cannot read.
+async fn open_kv(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    history: i64,
+    max_age: Duration,
+) -> anyhow::Result<kv::Store> {
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: history,
+        max_age,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("cannot create key-value bucket {bucket}"))?;
+    js.get_key_value(bucket)
+        .await
+        .with_context(|| format!("cannot open key-value bucket {bucket}"))
+}
+
+pub fn route_key(job_type: &str) -> String {
+    format!("route.{job_type}")
+}
+
+/// Object names cannot hold `:`; `sha256:<hex>` is stored as `sha256-<hex>`.
+pub fn object_name(digest: &str) -> String {
+    digest.replacen(':', "-", 1)
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// Follows the routes bucket until `stop`: offers every route to the catalogue, withdraws
+/// deleted ones. Ready once the routes present at start are loaded or refused. Watches
+/// again after a lost connection, and reconciles with what the bucket then holds.
+pub fn spawn_follow(
+    catalogue: Arc<Catalogue>,
+    js: jetstream::Context,
+    buckets: Buckets,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    catalogue.add_source();
+    tokio::spawn(async move {
+        let mut ready = false;
+        // Job types this source routes, for reconciling after a new watch.
+        let mut routed: BTreeSet<String> = BTreeSet::new();
+        loop {
+            let empty = buckets.routes_empty(&js).await;
+            let watch = tokio::select! {
+                _ = stop.cancelled() => return,
+                watch = buckets.routes.watch_with_history("route.>") => watch,
+            };
+            match watch {
+                Ok(mut watch) => {
+                    let mut seen = BTreeSet::new();
+                    let mut current = empty;
+                    if empty {
+                        for job_type in std::mem::take(&mut routed) {
+                            catalogue.withdraw(&job_type, Origin::Nats).await;
+                        }
+                    }
+                    loop {
+                        if current && !ready {
+                            ready = true;
+                            catalogue.source_ready();
+                        }
+                        let entry = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            entry = watch.next() => entry,
+                        };
+                        let entry = match entry {
+                            Some(Ok(entry)) => entry,
+                            Some(Err(error)) => {
+                                tracing::warn!(error = %error, "Route watch failed; watching again");
+                                break;
+                            }
+                            None => {
+                                tracing::warn!("Route watch ended; watching again");
+                                break;
+                            }
+                        };
+                        let at_present = entry.delta == 0;
+                        if let Some(job_type) = handle(&catalogue, &buckets, entry).await {
+                            seen.insert(job_type.clone());
+                            routed.insert(job_type);
+                        }
+                        if at_present && !current {
+                            current = true;
+                            // Routes deleted while this replica was not watching.
+                            for job_type in routed.difference(&seen).cloned().collect::<Vec<_>>() {
+                                routed.remove(&job_type);
+                                catalogue.withdraw(&job_type, Origin::Nats).await;
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        error = %error,
+                        bucket = %buckets.routes_stream,
+                        "Cannot watch the plugin routes; retrying (no job is pulled until they are read)"
+                    );
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    })
+}
+
+/// Applies one entry of the routes bucket; returns the job type it routes, if any.
+async fn handle(catalogue: &Catalogue, buckets: &Buckets, entry: kv::Entry) -> Option<String> {
+    let job_type = entry.key.strip_prefix("route.")?.to_owned();
+    if let Err(error) = check_job_type(&job_type) {
+        tracing::warn!(key = %entry.key, "Ignoring a route: {error}");
+        return None;
+    }
+    match entry.operation {
+        kv::Operation::Delete | kv::Operation::Purge => {
+            catalogue.withdraw(&job_type, Origin::Nats).await;
+            None
+        }
+        kv::Operation::Put => match serde_json::from_slice::<RouteDoc>(&entry.value) {
+            Ok(doc) => {
+                catalogue
+                    .offer(RouteSpec {
+                        job_type: job_type.clone(),
+                        name: doc.name,
+                        digest: doc.digest,
+                        limits: doc.limits,
+                        origin: Origin::Nats,
+                        revision: Some(entry.revision),
+                        fetch: Fetch::Object(Box::new(buckets.objects.clone())),
+                    })
+                    .await;
+                Some(job_type)
+            }
+            Err(error) => {
+                tracing::warn!(
+                    job_type,
+                    revision = entry.revision,
+                    error = %error,
+                    "Route is not a framehost route document; the previous version keeps serving"
+                );
+                Some(job_type)
+            }
+        },
+    }
+}
+
+/// Downloads the object of `digest`, refusing one larger than `max_bytes` before reading.
+/// The object store checks the bytes against the digest it recorded on upload; the
+/// catalogue checks them against the route's.
+pub async fn fetch(store: &ObjectStore, digest: &str, max_bytes: u64) -> Result<Vec<u8>, Refusal> {
+    let name = object_name(digest);
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        Refusal::new(Step::Fetch, format!("{what} object {name}: {e}"))
+    };
+    let download = async {
+        let info = store.info(&name).await.map_err(|e| fail("no", &e))?;
+        if info.size as u64 > max_bytes {
+            return Err(Refusal::new(
+                Step::Fetch,
+                format!(
+                    "object {name} is {} bytes, over catalogue.max_plugin_mib ({max_bytes} bytes)",
+                    info.size
+                ),
+            ));
+        }
+        let object = store
+            .get(&name)
+            .await
+            .map_err(|e| fail("cannot open", &e))?;
+        let mut bytes = Vec::with_capacity(info.size);
+        object
+            .take(max_bytes + 1)
+            .read_to_end(&mut bytes)
+            .await
+            .map_err(|e| fail("cannot read", &e))?;
+        if bytes.len() as u64 > max_bytes {
+            return Err(Refusal::new(
+                Step::Fetch,
+                format!("object {name} grew past {max_bytes} bytes while read"),
+            ));
+        }
+        Ok(bytes)
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, download)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refusal::new(
+                Step::Fetch,
+                format!("object {name}: download took over {FETCH_TIMEOUT:?}"),
+            ))
+        })
+}
+
+/// A host name as a key: `A-Z a-z 0-9 - _`, anything else as `_`.
+pub fn replica_key(host: &str) -> String {
+    let key: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if key.is_empty() { "host".into() } else { key }
+}
+
+/// Publishes this replica's status on every change and heartbeat until `stop`, then
+/// removes it.
+pub fn spawn_status(
+    catalogue: Arc<Catalogue>,
+    replicas: kv::Store,
+    host: String,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let key = replica_key(&host);
+        let started_at = unix_now().as_secs();
+        let mut changes = catalogue.subscribe();
+        let mut failing = false;
+        loop {
+            changes.borrow_and_update();
+            let status = ReplicaStatus {
+                host: host.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                started_at,
+                updated_ms: unix_now().as_millis() as u64,
+                catalogue: catalogue.status(),
+            };
+            let body = serde_json::to_vec(&status).expect("status serializes");
+            match replicas.put(&key, body.into()).await {
+                Ok(_) => failing = false,
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %error, "Cannot publish this replica's plugin status");
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(HEARTBEAT) => {}
+            }
+        }
+        replicas.delete(&key).await.ok();
+    })
+}
+
+/// What `plugin push` did.
+#[derive(Debug)]
+pub struct Pushed {
+    pub revision: u64,
+    pub doc: RouteDoc,
+    /// The route it replaced.
+    pub replaced: Option<RouteDoc>,
+    /// False when the object was already stored.
+    pub uploaded: bool,
+}
+
+/// Uploads `bytes` (unless stored already) and routes `job_type` to them, with `patch`
+/// over the current route's limits (or `defaults` for a new job type).
+pub async fn push(
+    buckets: &Buckets,
+    job_type: &str,
+    name: &str,
+    bytes: &[u8],
+    patch: &LimitsPatch,
+    defaults: &Limits,
+    pushed_by: &str,
+) -> anyhow::Result<Pushed> {
+    check_job_type(job_type).map_err(anyhow::Error::msg)?;
+    let digest = crate::sandbox::digest_of(bytes);
+    let object = object_name(&digest);
+    let uploaded = match buckets.objects.info(&object).await {
+        Ok(info) if info.size == bytes.len() => false,
+        _ => {
+            let meta = jetstream::object_store::ObjectMetadata {
+                name: object.clone(),
+                description: Some(format!("{name}.wasm")),
+                ..Default::default()
+            };
+            buckets
+                .objects
+                .put(meta, &mut &bytes[..])
+                .await
+                .with_context(|| format!("cannot upload {object}"))?;
+            true
+        }
+    };
+    let key = route_key(job_type);
+    for _ in 0..8 {
+        let current = current_route(buckets, &key).await?;
+        let base = current
+            .as_ref()
+            .map(|(_, doc)| doc.limits)
+            .unwrap_or(*defaults);
+        let doc = RouteDoc {
+            digest: digest.clone(),
+            name: name.to_owned(),
+            size: bytes.len() as u64,
+            limits: patch.apply(&base),
+            previous: current.as_ref().map(|(revision, _)| *revision),
+            pushed_at: unix_now().as_secs(),
+            pushed_by: pushed_by.to_owned(),
+            rolled_back_from: None,
+        };
+        if let Some(revision) =
+            write_route(buckets, &key, &doc, current.as_ref().map(|c| c.0)).await?
+        {
+            return Ok(Pushed {
+                revision,
+                doc,
+                replaced: current.map(|(_, doc)| doc),
+                uploaded,
+            });
+        }
+    }
+    bail!("the route of {job_type} kept changing under this push; try again")
+}
+
+/// Routes `job_type` back to the version before its current one.
+pub async fn rollback(
+    buckets: &Buckets,
+    job_type: &str,
+    pushed_by: &str,
+) -> anyhow::Result<(RouteDoc, u64, RouteDoc)> {
+    let key = route_key(job_type);
+    for _ in 0..8 {
+        let Some((revision, current)) = current_route(buckets, &key).await? else {
+            bail!(
+                "job type {job_type} has no route in bucket {}",
+                buckets.routes_stream
+            );
+        };
+        let Some(previous) = current.previous else {
+            bail!(
+                "job type {job_type} has no version before its current one ({}, revision \
+                 {revision})",
+                current.digest
+            );
+        };
+        let earlier = buckets
+            .routes
+            .entry_for_revision(&key, previous)
+            .await
+            .with_context(|| format!("cannot read revision {previous} of {key}"))?
+            .filter(|e| e.operation == kv::Operation::Put)
+            .with_context(|| {
+                format!(
+                    "the version before (revision {previous}) is no longer kept: the bucket \
+                     keeps the last {ROUTE_HISTORY} writes per job type"
+                )
+            })?;
+        let earlier: RouteDoc = serde_json::from_slice(&earlier.value)
+            .with_context(|| format!("revision {previous} of {key} is not a route document"))?;
+        let doc = RouteDoc {
+            pushed_at: unix_now().as_secs(),
+            pushed_by: pushed_by.to_owned(),
+            rolled_back_from: Some(current.digest.clone()),
+            ..earlier
+        };
+        if let Some(written) = write_route(buckets, &key, &doc, Some(revision)).await? {
+            return Ok((current, written, doc));
+        }
+    }
+    bail!("the route of {job_type} kept changing under this rollback; try again")
+}
+
+/// The live route under `key`, with its revision.
+async fn current_route(buckets: &Buckets, key: &str) -> anyhow::Result<Option<(u64, RouteDoc)>> {
+    let entry = buckets
+        .routes
+        .entry(key)
+        .await
+        .with_context(|| format!("cannot read {key}"))?;
+    match entry {
+        Some(entry) if entry.operation == kv::Operation::Put => {
+            let doc = serde_json::from_slice(&entry.value).with_context(|| {
+                format!(
+                    "{key} (revision {}) is not a route document",
+                    entry.revision
+                )
+            })?;
+            Ok(Some((entry.revision, doc)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Writes `doc` if the key's last revision is still `expected`; `None` if someone wrote
+/// in between.
+async fn write_route(
+    buckets: &Buckets,
+    key: &str,
+    doc: &RouteDoc,
+    expected: Option<u64>,
+) -> anyhow::Result<Option<u64>> {
+    let body = bytes::Bytes::from(serde_json::to_vec(doc).expect("route serializes"));
+    let written = match expected {
+        Some(revision) => buckets
+            .routes
+            .update(key, body, revision)
+            .await
+            .map_err(|e| {
+                (
+                    e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                    anyhow::Error::new(e),
+                )
+            }),
+        None => buckets.routes.create(key, body).await.map_err(|e| {
+            (
+                e.kind() == kv::CreateErrorKind::AlreadyExists,
+                anyhow::Error::new(e),
+            )
+        }),
+    };
+    match written {
+        Ok(revision) => Ok(Some(revision)),
+        Err((true, _)) => Ok(None),
+        Err((false, error)) => Err(error.context(format!("cannot write {key}"))),
+    }
+}
+
+/// Every route, with its revision, and every live replica's status.
+pub async fn list(
+    buckets: &Buckets,
+) -> anyhow::Result<(BTreeMap<String, (u64, RouteDoc)>, Vec<ReplicaStatus>)> {
+    let mut routes = BTreeMap::new();
+    let keys: Vec<String> = buckets
+        .routes
+        .keys()
+        .await?
+        .filter_map(|k| async { k.ok() })
+        .collect()
+        .await;
+    for key in keys {
+        let Some(job_type) = key.strip_prefix("route.") else {
+            continue;
+        };
+        if let Some(route) = current_route(buckets, &key).await? {
+            routes.insert(job_type.to_owned(), route);
+        }
+    }
+    let mut replicas = Vec::new();
+    let keys: Vec<String> = buckets
+        .replicas
+        .keys()
+        .await?
+        .filter_map(|k| async { k.ok() })
+        .collect()
+        .await;
+    for key in keys {
+        if let Some(value) = buckets.replicas.get(&key).await?
+            && let Ok(status) = serde_json::from_slice::<ReplicaStatus>(&value)
+        {
+            replicas.push(status);
+        }
+    }
+    replicas.sort_by(|a, b| a.host.cmp(&b.host));
+    Ok((routes, replicas))
+}
