@@ -55,6 +55,16 @@ pub fn misbehave() -> PathBuf {
     plugin("misbehave")
 }
 
+/// A valid component of another world (it does not export the processor interface).
+pub fn other_world() -> PathBuf {
+    plugin("other_world")
+}
+
+/// A component exporting the processor interface by name, with the wrong function types.
+pub fn bad_signature() -> PathBuf {
+    plugin("bad_signature")
+}
+
 /// `target/wasm32-wasip2/release/<name>.wasm`.
 pub fn plugin(name: &str) -> PathBuf {
     let path = target_dir()

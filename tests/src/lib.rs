@@ -6,6 +6,7 @@
 //!   (their status, results, the work queue and the dead-letter stream).
 //! - [`artifacts`]: where the binary and the plugins are, built before the tests run.
 //! - [`captures`]: small synthetic capture files.
+//! - [`catalogue`]: `framehost plugin` commands, replica status and plugin variants.
 //! - [`livekit`]: a LiveKit server double that speaks the real protocol, and a stream generator
 //!   that plays the upstream vision service through it.
 //!
@@ -14,6 +15,7 @@
 
 pub mod artifacts;
 pub mod captures;
+pub mod catalogue;
 mod cluster;
 mod host_process;
 mod jobs;

@@ -345,10 +345,7 @@ async fn a_stop_ends_a_realtime_job_waiting_out_a_long_gap() {
         path,
         realtime: true,
     };
-    let settings = JobSettings::new(
-        &Config::default(),
-        &Limits::default(),
-    );
+    let settings = JobSettings::new(&Config::default(), &Limits::default());
     let stop = CancellationToken::new();
     let run = {
         let plugin = engine.tracker.clone();
