@@ -9,7 +9,7 @@
 //!
 //! It exists to prove that image bytes cross the host intact and to give plugin authors a
 //! model for image work; the statistics core ([`FrameStats`]) is plain Rust, tested
-//! natively, and the component glue is compiled for `wasm32` only.
+//! natively, and the component glue is a `framehost_guest::Processor` around it.
 
 pub mod stats;
 
@@ -17,5 +17,4 @@ pub use stats::{
     ConfigError, FrameResult, FrameStats, FrameStatsConfig, ImageKind, ObjectStats, Region, Summary,
 };
 
-#[cfg(target_arch = "wasm32")]
 mod plugin;

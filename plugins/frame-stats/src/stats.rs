@@ -39,21 +39,17 @@ impl std::error::Error for ConfigError {}
 impl FrameStatsConfig {
     /// Parses the job's config JSON; `{}`, `null` or nothing give the defaults.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let invalid = |e: serde_json::Error| ConfigError(format!("invalid config: {e}"));
-        let value: serde_json::Value = if text.trim().is_empty() {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_str(text).map_err(invalid)?
-        };
-        let config: Self = match value {
-            serde_json::Value::Null => Self::default(),
-            serde_json::Value::Object(_) => serde_json::from_value(value).map_err(invalid)?,
-            _ => return Err(ConfigError("config must be a JSON object".into())),
-        };
-        if config.max_decode_bytes == 0 {
+        let config: Self = framehost_guest::config_from_json(text).map_err(ConfigError)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses values no job can run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_decode_bytes == 0 {
             return Err(ConfigError("max_decode_bytes must be positive".into()));
         }
-        Ok(config)
+        Ok(())
     }
 }
 

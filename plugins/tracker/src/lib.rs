@@ -8,7 +8,7 @@
 //!
 //! The tracker itself ([`Tracker`]) is plain Rust with no WebAssembly in it, so it is unit
 //! tested natively and the MOT evaluator (`examples/mot_track.rs`) runs the very same code
-//! the plugin runs. The component glue is compiled for `wasm32` only.
+//! the plugin runs. The component glue is a `framehost_guest::Processor` around it.
 //!
 //! Configuration (the job's `config` object, every key optional) is [`TrackerConfig`].
 
@@ -22,5 +22,4 @@ pub use tracker::{
     ConfigError, Detection, FrameReport, Summary, TrackReport, Tracker, TrackerConfig,
 };
 
-#[cfg(target_arch = "wasm32")]
 mod plugin;

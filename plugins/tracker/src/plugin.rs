@@ -1,61 +1,36 @@
-//! The component glue: the WIT exports, one tracker per instance, results out via `emit`.
+//! The component glue: one [`Tracker`] per job, its confirmed tracks published per frame.
 
-use std::sync::Mutex;
-
-use serde::Serialize;
+use framehost_guest::{Frame, JobInfo, LogLevel, Output, Processor, log};
 
 use crate::{BBox, Detection, FrameReport, Summary, Tracker, TrackerConfig};
 
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "frame-processor",
-});
-
-use exports::framehost::plugin::processor::Guest;
-use framehost::plugin::host::{self, LogLevel};
-use framehost::plugin::types::{Frame, JobInfo};
-
-/// The job's tracker. The host makes one instance per job and calls it from one thread,
-/// so the lock is never contended; it only gives the global a safe interior.
-static STATE: Mutex<Option<State>> = Mutex::new(None);
-
-struct State {
+struct Component {
     tracker: Tracker,
-    /// Results the host refused (its per-call bound); reported in the summary.
-    results_dropped: u64,
 }
 
-#[derive(Serialize)]
-struct FinalSummary {
-    #[serde(flatten)]
-    tracker: Summary,
-    results_dropped: u64,
-}
+impl Processor for Component {
+    type Config = TrackerConfig;
+    type Summary = Summary;
 
-struct Component;
+    /// The tracker's own parser, for its own wording of errors and its range checks.
+    fn parse_config(json: &str) -> Result<TrackerConfig, String> {
+        TrackerConfig::from_json(json).map_err(|e| e.to_string())
+    }
 
-impl Guest for Component {
-    fn init(job: JobInfo) -> Result<(), String> {
-        let config = TrackerConfig::from_json(&job.config_json).map_err(|e| e.to_string())?;
-        host::log(
+    fn init(_job: &JobInfo, config: TrackerConfig) -> Result<Self, String> {
+        log(
             LogLevel::Info,
             &format!(
                 "tracker ready: iou_threshold={} min_hits={} max_age={} per_label={}",
                 config.iou_threshold, config.min_hits, config.max_age, config.per_label
             ),
         );
-
-        *lock() = Some(State {
+        Ok(Component {
             tracker: Tracker::new(config),
-            results_dropped: 0,
-        });
-        Ok(())
+        })
     }
 
-    fn process(frame: Frame) -> Result<(), String> {
-        let mut guard = lock();
-        let state = guard.as_mut().ok_or("process called before init")?;
-
+    fn process(&mut self, frame: Frame, out: &mut Output) -> Result<(), String> {
         let detections: Vec<Detection> = frame
             .detections
             .into_iter()
@@ -70,39 +45,18 @@ impl Guest for Component {
                 ),
             })
             .collect();
-        let tracks = state.tracker.update(frame.index, &detections);
+        let tracks = self.tracker.update(frame.index, &detections);
 
-        let report = FrameReport {
+        out.emit_json(&FrameReport {
             frame: frame.index,
             tracks,
-        };
-        let json = serde_json::to_vec(&report).map_err(|e| format!("cannot encode: {e}"))?;
-        if !host::emit("application/json", &json) {
-            if state.results_dropped == 0 {
-                host::log(
-                    LogLevel::Warn,
-                    "host refused a result; counting further ones",
-                );
-            }
-            state.results_dropped += 1;
-        }
+        })?;
         Ok(())
     }
 
-    fn finish() -> Result<String, String> {
-        let state = lock().take().ok_or("finish called before init")?;
-        let summary = FinalSummary {
-            tracker: state.tracker.summary(),
-            results_dropped: state.results_dropped,
-        };
-        serde_json::to_string(&summary).map_err(|e| format!("cannot encode summary: {e}"))
+    fn finish(self, _out: &mut Output) -> Result<Summary, String> {
+        Ok(self.tracker.summary())
     }
 }
 
-/// A panic inside a call traps the instance, so a poisoned lock is never seen again;
-/// taking the data regardless keeps the glue free of unwraps.
-fn lock() -> std::sync::MutexGuard<'static, Option<State>> {
-    STATE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-export!(Component);
+framehost_guest::export_processor!(Component);
