@@ -56,6 +56,10 @@ pub struct JobStatus {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<FailureKind>,
+    /// The plugin version (`sha256:<hex>`) the job runs on, in `started`; later statuses
+    /// carry it in the report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<JobReport>,
 }
@@ -449,6 +453,7 @@ async fn watch_max_deliveries(
                     reason: Some("max_deliveries".into()),
                     error: Some(error),
                     kind: Some(FailureKind::Permanent),
+                    plugin_digest: None,
                     report: None,
                 };
                 let body = serde_json::to_vec(&status).expect("status serializes");
@@ -520,6 +525,7 @@ impl Runner {
             reason: None,
             error: None,
             kind: None,
+            plugin_digest: None,
             report: None,
         };
 
@@ -554,7 +560,11 @@ impl Runner {
             digest = route.plugin.digest(),
             "Job started"
         );
-        self.publish_status(&status(JobState::Started)).await;
+        self.publish_status(&JobStatus {
+            plugin_digest: Some(route.plugin.digest().to_owned()),
+            ..status(JobState::Started)
+        })
+        .await;
 
         // Stop requests: from the control subject, or from the host's shutdown.
         let stop = CancellationToken::new();
@@ -736,6 +746,7 @@ impl Runner {
             } else {
                 FailureKind::Permanent
             }),
+            plugin_digest: None,
             report: error.report.as_deref().cloned(),
         };
         if will_retry {

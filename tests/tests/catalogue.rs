@@ -58,9 +58,14 @@ async fn a_push_under_load_swaps_new_jobs_and_lets_running_ones_finish() {
         let spec = c.job(&format!("early-{n}"), "track", &capture, true);
         let mut watch = c.watch(&spec.id).await;
         c.submit(&spec).await;
-        c.within(JOB, "an early job to start", watch.until(JobState::Started))
+        let started = c
+            .within(JOB, "an early job to start", watch.until(JobState::Started))
             .await
             .unwrap_or_else(|| c.fail("status subscription ended"));
+        c.check(
+            started.plugin_digest.as_deref() == Some(&v1),
+            format!("the started status names the version: {started:?}"),
+        );
         early.push((spec.id, watch));
     }
 
@@ -440,4 +445,82 @@ async fn the_watched_directory_adds_replaces_refuses_and_removes() {
             && status.kind == Some(FailureKind::Permanent),
         format!("expected unknown_job_type once the file is gone, got {status:?}"),
     );
+}
+
+/// In process, no server: for one job type a directory route wins over a `[job_types]`
+/// one, and withdrawing it brings the configured version back from the cache, not the
+/// compiler; a job holding the old route can still instantiate it after the swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_winning_source_serves_and_a_withdrawn_route_falls_back() {
+    use framehost::catalogue::{Catalogue, Fetch, Origin, RouteSpec};
+    use framehost::config::{Config, Limits};
+    use framehost::sandbox::{JobInfo, Sandbox, digest_of};
+
+    let scratch = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.catalogue.cache_dir = Some(scratch.path().join("compiled"));
+    let sandbox = Sandbox::new(config.sandbox_config()).unwrap();
+    let catalogue = Catalogue::new(sandbox, &config);
+    let spec = |path: std::path::PathBuf, origin| RouteSpec {
+        job_type: "track".into(),
+        name: "tracker".into(),
+        digest: digest_of(&std::fs::read(&path).unwrap()),
+        limits: Limits::default(),
+        origin,
+        revision: None,
+        fetch: Fetch::File(path),
+    };
+    let configured = spec(artifacts::tracker(), Origin::Config);
+    let dropped_in = spec(
+        variant(&artifacts::tracker(), scratch.path(), "dir"),
+        Origin::Dir,
+    );
+
+    catalogue.offer(configured.clone()).await;
+    let held = catalogue.route("track").expect("configured route serves");
+    assert_eq!(held.plugin.digest(), configured.digest);
+
+    catalogue.offer(dropped_in.clone()).await;
+    assert_eq!(
+        catalogue.route("track").unwrap().plugin.digest(),
+        dropped_in.digest,
+        "the directory's route wins over the configuration's"
+    );
+    // A configured version offered again while the directory's wins changes nothing.
+    catalogue.offer(configured.clone()).await;
+    assert_eq!(
+        catalogue.route("track").unwrap().plugin.digest(),
+        dropped_in.digest
+    );
+
+    // The job that took the first route still runs it.
+    let job = JobInfo {
+        job_id: "held".into(),
+        job_type: "track".into(),
+        room: "r".into(),
+        config_json: "{}".into(),
+    };
+    let mut processor = held
+        .plugin
+        .instantiate(&job, held.limits.plugin_limits())
+        .await
+        .expect("the held version instantiates after the swap");
+    processor.finish().await.expect("and finishes");
+    drop((processor, held));
+
+    catalogue.withdraw("track", Origin::Dir).await;
+    assert_eq!(
+        catalogue.route("track").unwrap().plugin.digest(),
+        configured.digest,
+        "the configured version serves again"
+    );
+    let counts = catalogue.compiler().counts();
+    assert_eq!(
+        (counts.compiles, counts.cache_hits),
+        (2, 1),
+        "two versions compiled once each; the fallback came from the cache"
+    );
+    catalogue.withdraw("track", Origin::Config).await;
+    assert!(catalogue.route("track").is_none());
+    assert!(!catalogue.is_wanted("track"));
 }

@@ -128,6 +128,10 @@ pub struct CatalogueStatus {
     pub counts: CompileCounts,
     /// Versions refused since the host started.
     pub refusals: u64,
+    /// Compiled plugins in the on-disk cache, and their bytes (the cache is never pruned
+    /// of versions; entries of another engine are removed at start).
+    pub cache_entries: usize,
+    pub cache_bytes: u64,
     pub routes: BTreeMap<String, RouteStatus>,
 }
 
@@ -440,9 +444,13 @@ impl Catalogue {
     pub fn status(&self) -> CatalogueStatus {
         let routes = self.routes.read().expect("routes lock").clone();
         let state = self.state();
+        let (cache_entries, cache_bytes) =
+            self.compiler.cache().map(|c| c.usage()).unwrap_or_default();
         let mut out = CatalogueStatus {
             counts: self.compiler.counts(),
             refusals: state.refusals,
+            cache_entries,
+            cache_bytes,
             routes: BTreeMap::new(),
         };
         let job_types = routes.keys().chain(state.wanted.keys());
