@@ -121,6 +121,7 @@ pub struct Compiler {
 
 /// What a [`Compiler`] has done since it was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CompileCounts {
     pub compiles: u64,
     pub cache_hits: u64,

@@ -121,8 +121,10 @@ pub struct RefusedVersion {
     pub reason: String,
 }
 
-/// The whole catalogue of one host, as published in the replicas bucket.
+/// The whole catalogue of one host, as published in the replicas bucket. Fields a replica
+/// of another version leaves out read as their defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CatalogueStatus {
     #[serde(flatten)]
     pub counts: CompileCounts,
