@@ -452,8 +452,9 @@ async fn the_watched_directory_adds_replaces_refuses_and_removes() {
 /// compiler; a job holding the old route can still instantiate it after the swap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_winning_source_serves_and_a_withdrawn_route_falls_back() {
+    use framehost::catalogue::dir::DirSource;
     use framehost::catalogue::{Catalogue, Fetch, Origin, RouteSpec};
-    use framehost::config::{Config, Limits};
+    use framehost::config::{Config, JobTypeConfig, Limits};
     use framehost::sandbox::{JobInfo, Sandbox, digest_of};
 
     let scratch = tempfile::tempdir().unwrap();
@@ -523,4 +524,21 @@ async fn the_winning_source_serves_and_a_withdrawn_route_falls_back() {
     catalogue.withdraw("track", Origin::Config).await;
     assert!(catalogue.route("track").is_none());
     assert!(!catalogue.is_wanted("track"));
+
+    // A configured plugin file that is missing is refused at the fetch step, not ignored:
+    // its job type is still wanted, so its jobs wait for a replica that has it.
+    let mut config = config.clone();
+    config.job_types.insert(
+        "typo".into(),
+        JobTypeConfig::new(scratch.path().join("nope.wasm")),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    DirSource::new(catalogue.clone(), &config).spawn(stop.clone());
+    catalogue.ready().await;
+    stop.cancel();
+    let status = catalogue.status();
+    let refused = status.routes["typo"].refused.as_ref().expect("refused");
+    assert_eq!(refused.step, framehost::catalogue::Step::Fetch);
+    assert!(refused.reason.contains("nope.wasm"), "{refused:?}");
+    assert!(catalogue.is_wanted("typo") && catalogue.route("typo").is_none());
 }

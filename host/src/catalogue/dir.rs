@@ -203,8 +203,8 @@ impl DirSource {
         }
     }
 
-    /// Reads a job type's files into a spec; a file that cannot be read is logged, and the
-    /// version before it keeps serving.
+    /// Reads a job type's files into a spec. A limits file that cannot be read or parsed
+    /// is logged and nothing is offered: the version before it keeps serving.
     async fn read(&mut self, name: &str, candidate: &Candidate) -> Option<RouteSpec> {
         let limits = match &candidate.limits_file {
             Some(path) => match read_limits(path, &candidate.base) {
@@ -216,12 +216,12 @@ impl DirSource {
             },
             None => candidate.base,
         };
-        let bytes = match read_plugin(&candidate.plugin, self.max_bytes).await {
-            Ok(bytes) => bytes,
-            Err(refusal) => {
-                tracing::warn!(job_type = name, reason = %refusal.reason, "Plugin file not read");
-                return None;
-            }
+        // A file that cannot be read is still wanted: offered with no digest, the catalogue
+        // refuses it at the fetch step, so that `plugin list` says why and the job type's
+        // jobs wait for a replica that has it instead of failing as unknown.
+        let digest = match read_plugin(&candidate.plugin, self.max_bytes).await {
+            Ok(bytes) => digest_of(&bytes),
+            Err(_) => String::new(),
         };
         Some(RouteSpec {
             job_type: name.to_owned(),
@@ -231,7 +231,7 @@ impl DirSource {
                 .and_then(|s| s.to_str())
                 .unwrap_or(name)
                 .to_owned(),
-            digest: digest_of(&bytes),
+            digest,
             limits,
             origin: candidate.origin,
             revision: None,
