@@ -614,6 +614,15 @@ impl CatalogueConfig {
     }
 }
 
+/// Whether `text` is 1 to `max_len` characters of `A-Z a-z 0-9 - _`: what a name must be
+/// to stand as a NATS subject token, a key-value key or a bucket name.
+pub fn is_name(text: &str, max_len: usize) -> bool {
+    (1..=max_len).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {error}")]
@@ -760,11 +769,7 @@ impl Config {
             ("objects_bucket", &c.objects_bucket),
             ("replicas_bucket", &c.replicas_bucket),
         ] {
-            let valid = !bucket.is_empty()
-                && bucket
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !valid {
+            if !is_name(bucket, 64) {
                 return invalid(format!(
                     "catalogue.{name} {bucket:?} must be made of A-Z a-z 0-9 - _"
                 ));

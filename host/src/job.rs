@@ -66,12 +66,7 @@ impl JobSpec {
 
     /// Job ids are NATS subject tokens: 1 to 128 characters of `A-Z a-z 0-9 - _`.
     pub fn validate_id(id: &str) -> Result<(), JobError> {
-        let valid = !id.is_empty()
-            && id.len() <= 128
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if valid {
+        if crate::config::is_name(id, 128) {
             return Ok(());
         }
         Err(JobError::permanent(

@@ -497,12 +497,7 @@ impl Catalogue {
 /// Job types are NATS subject tokens and key-value keys: 1 to 64 characters of
 /// `A-Z a-z 0-9 - _`.
 pub fn check_job_type(name: &str) -> Result<(), String> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if valid {
+    if crate::config::is_name(name, 64) {
         Ok(())
     } else {
         Err(format!(

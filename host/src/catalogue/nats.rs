@@ -577,19 +577,22 @@ async fn write_route(
     }
 }
 
+/// The live keys of a bucket.
+async fn keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
+    Ok(store
+        .keys()
+        .await?
+        .filter_map(|k| async { k.ok() })
+        .collect()
+        .await)
+}
+
 /// Every route, with its revision, and every live replica's status.
 pub async fn list(
     buckets: &Buckets,
 ) -> anyhow::Result<(BTreeMap<String, (u64, RouteDoc)>, Vec<ReplicaStatus>)> {
     let mut routes = BTreeMap::new();
-    let keys: Vec<String> = buckets
-        .routes
-        .keys()
-        .await?
-        .filter_map(|k| async { k.ok() })
-        .collect()
-        .await;
-    for key in keys {
+    for key in keys(&buckets.routes).await? {
         let Some(job_type) = key.strip_prefix("route.") else {
             continue;
         };
@@ -598,14 +601,7 @@ pub async fn list(
         }
     }
     let mut replicas = Vec::new();
-    let keys: Vec<String> = buckets
-        .replicas
-        .keys()
-        .await?
-        .filter_map(|k| async { k.ok() })
-        .collect()
-        .await;
-    for key in keys {
+    for key in keys(&buckets.replicas).await? {
         if let Some(value) = buckets.replicas.get(&key).await?
             && let Ok(status) = serde_json::from_slice::<ReplicaStatus>(&value)
         {
