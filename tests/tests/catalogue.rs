@@ -316,6 +316,13 @@ async fn a_restarted_host_loads_compiled_plugins_without_compiling() {
     let mut c = Cluster::start().await;
     c.serve_job_type("track", artifacts::tracker());
     c.serve_job_type("stats", artifacts::frame_stats());
+    // A key that is no route must not keep the host waiting for routes.
+    c.buckets()
+        .await
+        .routes
+        .put("stray", "not a route".into())
+        .await
+        .unwrap();
     let first = c.start_host("host-a").await;
     let status = c
         .wait_replica("host-a", "serving both plugins", both_serving)

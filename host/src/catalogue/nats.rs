@@ -118,14 +118,18 @@ impl Buckets {
         })
     }
 
-    /// Whether the routes bucket holds nothing at all, asked of the server now.
+    /// Whether the routes bucket holds no route key (deleted ones count: they leave a
+    /// marker), asked of the server now. False when it cannot tell.
     async fn routes_empty(&self, js: &jetstream::Context) -> bool {
-        match js.get_stream(&self.routes_stream).await {
-            Ok(mut stream) => stream
-                .info()
-                .await
-                .map(|info| info.state.messages == 0)
-                .unwrap_or(false),
+        let Ok(stream) = js.get_stream(&self.routes_stream).await else {
+            return false;
+        };
+        let bucket = self.routes_stream.trim_start_matches("KV_");
+        match stream
+            .info_with_subjects(format!("$KV.{bucket}.route.>"))
+            .await
+        {
+            Ok(mut subjects) => subjects.next().await.is_none(),
             Err(_) => false,
         }
     }
@@ -194,19 +198,18 @@ pub fn spawn_follow(
         // Job types this source routes, for reconciling after a new watch.
         let mut routed: BTreeSet<String> = BTreeSet::new();
         loop {
-            let empty = buckets.routes_empty(&js).await;
             let watch = tokio::select! {
                 _ = stop.cancelled() => return,
                 watch = buckets.routes.watch_with_history("route.>") => watch,
             };
             match watch {
                 Ok(mut watch) => {
+                    // Job types seen in this watch; `current` once it has delivered every
+                    // route there was when it started.
                     let mut seen = BTreeSet::new();
-                    let mut current = empty;
-                    if empty {
-                        for job_type in std::mem::take(&mut routed) {
-                            catalogue.withdraw(&job_type, Origin::Nats).await;
-                        }
+                    let mut current = buckets.routes_empty(&js).await;
+                    if current {
+                        reconcile(&catalogue, &mut routed, &seen).await;
                     }
                     loop {
                         if current && !ready {
@@ -216,6 +219,15 @@ pub fn spawn_follow(
                         let entry = tokio::select! {
                             _ = stop.cancelled() => return,
                             entry = watch.next() => entry,
+                            // A watch over no routes delivers nothing that says it is
+                            // current: look at the bucket again now and then.
+                            _ = tokio::time::sleep(Duration::from_secs(2)), if !current => {
+                                if buckets.routes_empty(&js).await {
+                                    current = true;
+                                    reconcile(&catalogue, &mut routed, &seen).await;
+                                }
+                                continue;
+                            }
                         };
                         let entry = match entry {
                             Some(Ok(entry)) => entry,
@@ -235,11 +247,7 @@ pub fn spawn_follow(
                         }
                         if at_present && !current {
                             current = true;
-                            // Routes deleted while this replica was not watching.
-                            for job_type in routed.difference(&seen).cloned().collect::<Vec<_>>() {
-                                routed.remove(&job_type);
-                                catalogue.withdraw(&job_type, Origin::Nats).await;
-                            }
+                            reconcile(&catalogue, &mut routed, &seen).await;
                         }
                     }
                 }
@@ -257,6 +265,16 @@ pub fn spawn_follow(
             }
         }
     })
+}
+
+/// Withdraws the job types this source routed that a new watch, now current, did not
+/// deliver: routes deleted (or purged without a marker) while this replica was not
+/// watching.
+async fn reconcile(catalogue: &Catalogue, routed: &mut BTreeSet<String>, seen: &BTreeSet<String>) {
+    for job_type in routed.difference(seen).cloned().collect::<Vec<_>>() {
+        routed.remove(&job_type);
+        catalogue.withdraw(&job_type, Origin::Nats).await;
+    }
 }
 
 /// Applies one entry of the routes bucket; returns the job type it routes, if any.
