@@ -202,8 +202,9 @@ struct NatsArgs {
     /// NATS server URL [default: the config's nats.url, else nats://127.0.0.1:4222].
     #[arg(long, env = "FRAMEHOST_NATS_URL")]
     nats: Option<String>,
-    /// Configuration file whose [nats] section names the stream and subjects, and whose
-    /// [catalogue] section the plugin buckets and default limits (defaults otherwise).
+    /// Configuration file whose [nats] section names the server, stream and subjects (and,
+    /// for `plugin` commands, whose [catalogue] and [sandbox] sections name the buckets and
+    /// the limits to check against); defaults otherwise.
     #[arg(long, short)]
     config: Option<PathBuf>,
 }

@@ -486,7 +486,7 @@ impl Limits {
     pub fn check(&self, max_memory_mib: u64) -> Result<(), String> {
         if self.memory_mib == 0 || self.memory_mib > max_memory_mib {
             return Err(format!(
-                "memory_mib {} must be between 1 and this host's sandbox.max_memory_mib ({max_memory_mib})",
+                "memory_mib {} must be between 1 and sandbox.max_memory_mib ({max_memory_mib})",
                 self.memory_mib
             ));
         }

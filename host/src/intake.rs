@@ -230,6 +230,12 @@ pub async fn serve(
             catalogue_stop.clone(),
         );
     }
+    catalogue::nats::spawn_peers(
+        catalogue.clone(),
+        buckets.replicas.clone(),
+        host.clone(),
+        catalogue_stop.clone(),
+    );
     let status = catalogue::nats::spawn_status(
         catalogue.clone(),
         buckets.replicas.clone(),
@@ -542,10 +548,28 @@ impl Runner {
                     ),
                 )
             } else {
-                JobError::permanent(
-                    "unknown_job_type",
-                    format!("no plugin serves job type {:?} on this host", spec.job_type),
-                )
+                let elsewhere = self
+                    .catalogue
+                    .served_elsewhere(&spec.job_type, catalogue::nats::REPLICA_TTL);
+                if elsewhere.is_empty() {
+                    JobError::permanent(
+                        "unknown_job_type",
+                        format!("no plugin serves job type {:?} on this host", spec.job_type),
+                    )
+                } else {
+                    // The replicas' catalogues differ (a directory or [job_types] on some
+                    // of them only): hand the job back for one that has it.
+                    JobError::transient(
+                        "job_type_elsewhere",
+                        format!(
+                            "job type {:?} is not routed on this host, but replicas {} serve \
+                             it: give every replica the same catalogue (push the plugin, or \
+                             mount the same directory everywhere)",
+                            spec.job_type,
+                            elsewhere.join(", ")
+                        ),
+                    )
+                }
             };
             self.fail(&message, &spec, delivery, error).await;
             return;

@@ -116,7 +116,9 @@ pub struct PluginResult {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("not a WebAssembly component of the frame-processor world: {0:#}")]
+    #[error(
+        "cannot compile: not a valid WebAssembly component (truncated, corrupt, or using features this host does not enable): {0:#}"
+    )]
     Compile(wasmtime::Error),
     #[error("component does not fit the frame-processor world: {0:#}")]
     World(wasmtime::Error),

@@ -282,6 +282,21 @@ async fn one_push_reaches_every_replica_and_rollback_undoes_it() {
         format!("expected one job on each host, got {hosts:?}"),
     );
 
+    // Pushing what is already routed writes nothing, so rollback still goes back to v1.
+    let out = c
+        .plugin_cli(&[
+            "push",
+            "--job-type",
+            "track",
+            v2_file.to_str().unwrap(),
+            "--memory-mib",
+            "48",
+        ])
+        .await;
+    c.check(
+        out.success && out.stdout.contains("nothing written"),
+        format!("a second push of v2 should change nothing:\n{}", out.text()),
+    );
     let out = c
         .plugin_cli(&["rollback", "--job-type", "track", "--wait", "150"])
         .await;
@@ -424,6 +439,28 @@ async fn the_watched_directory_adds_replaces_refuses_and_removes() {
         "ran on the replaced version",
     );
 
+    // A broken limits file is refused (and shown) like a broken plugin; fixed, it clears.
+    std::fs::write(dir.join("track.toml"), "memory_mib = \"lots\"\n").unwrap();
+    let status = c
+        .wait_replica("host-a", "refusing the broken limits file", |s| {
+            s.catalogue.routes["track"]
+                .refused
+                .as_ref()
+                .is_some_and(|r| r.step == Step::Limits)
+        })
+        .await;
+    c.check(
+        serving(&status, "track").as_deref() == Some(&v2),
+        format!("v2 keeps serving: {status:?}"),
+    );
+    std::fs::write(dir.join("track.toml"), "memory_mib = 40\n").unwrap();
+    c.wait_replica(
+        "host-a",
+        "clearing the refusal once the file is fixed",
+        |s| s.catalogue.routes["track"].refused.is_none(),
+    )
+    .await;
+
     std::fs::write(dir.join("track.wasm"), b"not a plugin").unwrap();
     let status = c
         .wait_replica("host-a", "refusing the broken file", |s| {
@@ -477,6 +514,7 @@ async fn the_winning_source_serves_and_a_withdrawn_route_falls_back() {
         origin,
         revision: None,
         fetch: Fetch::File(path),
+        unusable: None,
     };
     let configured = spec(artifacts::tracker(), Origin::Config);
     let dropped_in = spec(
@@ -548,4 +586,57 @@ async fn the_winning_source_serves_and_a_withdrawn_route_falls_back() {
     assert_eq!(refused.step, framehost::catalogue::Step::Fetch);
     assert!(refused.reason.contains("nope.wasm"), "{refused:?}");
     assert!(catalogue.is_wanted("typo") && catalogue.route("typo").is_none());
+}
+
+/// Replicas whose catalogues differ: a replica without a job type that another live replica
+/// serves hands its jobs back (transient) instead of dead-lettering them, and the replica
+/// that has it runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_type_only_some_replicas_serve_is_handed_back_not_dead_lettered() {
+    let mut c = Cluster::start().await;
+    c.config.nats.nak_delay_secs = 1;
+    // host-a hands the job back every second until host-b is back: room for that.
+    c.config.nats.max_deliver = 100;
+    c.start_host("host-a").await;
+    let dir = c.scratch.path().join("plugins");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(artifacts::tracker(), dir.join("solo.wasm")).unwrap();
+    c.config.catalogue.dir = Some(dir);
+    let b = c.start_host("host-b").await;
+    c.wait_replica("host-b", "serving solo", |s| serving(s, "solo").is_some())
+        .await;
+
+    // host-b dies without a word: its status stays fresh for a while, so host-a, the only
+    // one pulling, knows solo is served elsewhere.
+    c.host(b).kill9().await;
+    let capture = c.capture("small", &captures::options(10, 4, 2, 10.0));
+    let spec = c.job("solo-1", "solo", &capture, false);
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    let failed = c
+        .within(
+            JOB,
+            "host-a handing solo-1 back",
+            watch.until(JobState::Failed),
+        )
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.check(
+        failed.host == "host-a"
+            && failed.reason.as_deref() == Some("job_type_elsewhere")
+            && failed.kind == Some(FailureKind::Transient),
+        format!("expected host-a to hand the job back as job_type_elsewhere, got {failed:?}"),
+    );
+
+    // host-b comes back and runs it on a later delivery.
+    c.start_host("host-b").await;
+    let status = c
+        .within(JOB, "solo-1 to finish", watch.until(JobState::Finished))
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"));
+    finished_on(&c, &status, 10);
+    c.check(
+        status.host == "host-b",
+        format!("expected host-b to run it: {status:?}"),
+    );
 }

@@ -284,7 +284,9 @@ fn non_components_are_refused() {
     let error = sandbox.load("junk", &junk).err().expect("junk is refused");
     assert!(matches!(error, LoadError::Compile(_)), "{error}");
     assert!(
-        error.to_string().contains("not a WebAssembly component"),
+        error
+            .to_string()
+            .contains("not a valid WebAssembly component"),
         "{error}"
     );
 
@@ -296,7 +298,9 @@ fn non_components_are_refused() {
         .expect("a core module is refused");
     assert!(matches!(error, LoadError::Compile(_)), "{error}");
     assert!(
-        error.to_string().contains("not a WebAssembly component"),
+        error
+            .to_string()
+            .contains("not a valid WebAssembly component"),
         "{error}"
     );
 

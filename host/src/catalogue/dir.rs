@@ -44,8 +44,8 @@ struct Seen {
     stamps: (Option<Stamp>, Option<Stamp>),
     /// The stamps were the same at the previous look too.
     settled: bool,
-    /// What was last offered: (digest, limits).
-    offered: Option<(String, Limits)>,
+    /// What was last offered: digest, limits, and whether it was unusable.
+    offered: Option<(String, Limits, bool)>,
 }
 
 /// Where a job type's files are, and what they are worth without a `.toml`.
@@ -192,38 +192,36 @@ impl DirSource {
             if !ready {
                 continue;
             }
-            if let Some(spec) = self.read(&name, &candidate).await {
-                let seen = self.seen.get_mut(&(origin, name)).expect("inserted above");
-                let version = (spec.digest.clone(), spec.limits);
-                if seen.offered.as_ref() != Some(&version) {
-                    seen.offered = Some(version);
-                    self.catalogue.offer(spec).await;
-                }
+            let spec = self.read(&name, &candidate).await;
+            let seen = self.seen.get_mut(&(origin, name)).expect("inserted above");
+            let version = (spec.digest.clone(), spec.limits, spec.unusable.is_some());
+            if seen.offered.as_ref() != Some(&version) {
+                seen.offered = Some(version);
+                self.catalogue.offer(spec).await;
             }
         }
     }
 
-    /// Reads a job type's files into a spec. A limits file that cannot be read or parsed
-    /// is logged and nothing is offered: the version before it keeps serving.
-    async fn read(&mut self, name: &str, candidate: &Candidate) -> Option<RouteSpec> {
+    /// Reads a job type's files into a spec. A plugin or limits file that cannot be read
+    /// still makes a spec, marked unusable: the catalogue refuses it (so `plugin list` says
+    /// why), the version before it keeps serving, and the job type stays wanted, so its jobs
+    /// wait for a replica that can serve them instead of failing as unknown.
+    async fn read(&self, name: &str, candidate: &Candidate) -> RouteSpec {
+        let (digest, mut unusable) = match read_plugin(&candidate.plugin, self.max_bytes).await {
+            Ok(bytes) => (digest_of(&bytes), None),
+            Err(refusal) => (String::new(), Some(refusal)),
+        };
         let limits = match &candidate.limits_file {
-            Some(path) => match read_limits(path, &candidate.base) {
-                Ok(limits) => limits,
-                Err(reason) => {
-                    tracing::warn!(job_type = name, file = %path.display(), reason, "Plugin limits file refused; the previous version keeps serving");
-                    return None;
-                }
-            },
+            Some(path) => read_limits(path, &candidate.base).unwrap_or_else(|reason| {
+                unusable.get_or_insert(Refusal::new(
+                    Step::Limits,
+                    format!("{}: {reason}", path.display()),
+                ));
+                candidate.base
+            }),
             None => candidate.base,
         };
-        // A file that cannot be read is still wanted: offered with no digest, the catalogue
-        // refuses it at the fetch step, so that `plugin list` says why and the job type's
-        // jobs wait for a replica that has it instead of failing as unknown.
-        let digest = match read_plugin(&candidate.plugin, self.max_bytes).await {
-            Ok(bytes) => digest_of(&bytes),
-            Err(_) => String::new(),
-        };
-        Some(RouteSpec {
+        RouteSpec {
             job_type: name.to_owned(),
             name: candidate
                 .plugin
@@ -236,7 +234,8 @@ impl DirSource {
             origin: candidate.origin,
             revision: None,
             fetch: Fetch::File(candidate.plugin.clone()),
-        })
+            unusable,
+        }
     }
 }
 

@@ -18,9 +18,10 @@ pub mod dir;
 pub mod load;
 pub mod nats;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -71,6 +72,10 @@ pub struct RouteSpec {
     /// The routes bucket's revision, for a route from NATS.
     pub revision: Option<u64>,
     pub fetch: Fetch,
+    /// Set when the source already knows the version cannot serve (its file cannot be
+    /// read, its limits file or route document is broken): it is refused with this, and
+    /// the version before it keeps serving.
+    pub unusable: Option<Refusal>,
 }
 
 impl RouteSpec {
@@ -161,6 +166,8 @@ pub struct Catalogue {
     changes: watch::Sender<u64>,
     /// Sources that have not yet delivered their first complete view.
     pending_sources: watch::Sender<usize>,
+    /// The job types other replicas serve, by replica, with when that was last heard.
+    peers: Mutex<HashMap<String, (Instant, BTreeSet<String>)>>,
 }
 
 impl Catalogue {
@@ -186,6 +193,7 @@ impl Catalogue {
             state: Mutex::new(State::default()),
             changes: watch::Sender::new(0),
             pending_sources: watch::Sender::new(0),
+            peers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -209,6 +217,29 @@ impl Catalogue {
     /// Whether some source routes `job_type`, loaded here or not.
     pub fn is_wanted(&self, job_type: &str) -> bool {
         self.state().wanted.contains_key(job_type)
+    }
+
+    /// What replica `host` serves, as it last said; `None` when it has gone.
+    pub fn set_peer(&self, host: &str, job_types: Option<BTreeSet<String>>) {
+        let mut peers = self.peers.lock().expect("peers lock");
+        match job_types {
+            Some(types) => {
+                peers.insert(host.to_owned(), (Instant::now(), types));
+            }
+            None => {
+                peers.remove(host);
+            }
+        }
+    }
+
+    /// Other live replicas that serve `job_type` (heard from within `fresh`).
+    pub fn served_elsewhere(&self, job_type: &str, fresh: Duration) -> Vec<String> {
+        let peers = self.peers.lock().expect("peers lock");
+        peers
+            .iter()
+            .filter(|(_, (heard, types))| heard.elapsed() < fresh && types.contains(job_type))
+            .map(|(host, _)| host.clone())
+            .collect()
     }
 
     pub fn job_types(&self) -> Vec<String> {
@@ -315,6 +346,7 @@ impl Catalogue {
     async fn apply(&self, spec: RouteSpec) {
         let current = self.route(&spec.job_type);
         if let Some(current) = &current
+            && spec.unusable.is_none()
             && spec.same_version(current)
         {
             if current.origin != spec.origin || current.revision != spec.revision {
@@ -359,14 +391,19 @@ impl Catalogue {
                 );
             }
             Err(refusal) => {
+                let message = if current.is_some() {
+                    "Plugin version refused; the previous version keeps serving"
+                } else {
+                    "Plugin version refused; nothing serves this job type here"
+                };
                 tracing::warn!(
                     job_type = %spec.job_type,
                     digest = %spec.digest,
                     origin = ?spec.origin,
                     step = refusal.step.as_str(),
                     reason = %refusal.reason,
-                    serving = current.as_ref().map(|r| r.plugin.digest()).unwrap_or("none"),
-                    "Plugin version refused; the previous version keeps serving"
+                    serving = current.as_ref().map(|r| r.plugin.digest()).unwrap_or("nothing"),
+                    "{message}"
                 );
                 let mut state = self.state();
                 state.refusals += 1;
@@ -399,6 +436,9 @@ impl Catalogue {
 
     /// Fetches, checks, compiles and tries a version.
     async fn load(&self, spec: &RouteSpec) -> Result<Plugin, Refusal> {
+        if let Some(refusal) = &spec.unusable {
+            return Err(refusal.clone());
+        }
         spec.limits
             .check(self.max_memory_mib)
             .map_err(|reason| Refusal::new(Step::Limits, reason))?;
@@ -431,7 +471,7 @@ impl Catalogue {
         plugin
             .trial(spec.limits.plugin_limits())
             .await
-            .map_err(|error| Refusal::new(Step::Instantiate, error.to_string()))?;
+            .map_err(trial_refusal)?;
         Ok(plugin)
     }
 
@@ -492,6 +532,20 @@ impl Catalogue {
         }
         out
     }
+}
+
+/// Why a trial instantiation failed, in words that point at the cause.
+pub fn trial_refusal(error: crate::sandbox::CallError) -> Refusal {
+    let text = error.to_string();
+    let reason = if text.contains("type mismatch") {
+        format!(
+            "an export of framehost:plugin/processor (init, process or finish) does not have \
+             the world's type; rebuild against wit/frame-processor.wit ({text})"
+        )
+    } else {
+        text
+    };
+    Refusal::new(Step::Instantiate, reason)
 }
 
 /// Job types are NATS subject tokens and key-value keys: 1 to 64 characters of

@@ -78,6 +78,7 @@ pub struct Buckets {
     pub objects: ObjectStore,
     pub replicas: kv::Store,
     routes_stream: String,
+    routes_bucket: String,
 }
 
 impl Buckets {
@@ -115,6 +116,7 @@ impl Buckets {
             objects,
             replicas,
             routes_stream: format!("KV_{}", config.routes_bucket),
+            routes_bucket: config.routes_bucket.clone(),
         })
     }
 
@@ -124,9 +126,8 @@ impl Buckets {
         let Ok(stream) = js.get_stream(&self.routes_stream).await else {
             return false;
         };
-        let bucket = self.routes_stream.trim_start_matches("KV_");
         match stream
-            .info_with_subjects(format!("$KV.{bucket}.route.>"))
+            .info_with_subjects(format!("$KV.{}.route.>", self.routes_bucket))
             .await
         {
             Ok(mut subjects) => subjects.next().await.is_none(),
@@ -254,7 +255,7 @@ pub fn spawn_follow(
                 Err(error) => {
                     tracing::warn!(
                         error = %error,
-                        bucket = %buckets.routes_stream,
+                        bucket = %buckets.routes_bucket,
                         "Cannot watch the plugin routes; retrying (no job is pulled until they are read)"
                     );
                 }
@@ -289,31 +290,41 @@ async fn handle(catalogue: &Catalogue, buckets: &Buckets, entry: kv::Entry) -> O
             catalogue.withdraw(&job_type, Origin::Nats).await;
             None
         }
-        kv::Operation::Put => match serde_json::from_slice::<RouteDoc>(&entry.value) {
-            Ok(doc) => {
-                catalogue
-                    .offer(RouteSpec {
-                        job_type: job_type.clone(),
-                        name: doc.name,
-                        digest: doc.digest,
-                        limits: doc.limits,
-                        origin: Origin::Nats,
-                        revision: Some(entry.revision),
-                        fetch: Fetch::Object(Box::new(buckets.objects.clone())),
-                    })
-                    .await;
-                Some(job_type)
-            }
-            Err(error) => {
-                tracing::warn!(
-                    job_type,
-                    revision = entry.revision,
-                    error = %error,
-                    "Route is not a framehost route document; the previous version keeps serving"
-                );
-                Some(job_type)
-            }
-        },
+        kv::Operation::Put => {
+            let fetch = Fetch::Object(Box::new(buckets.objects.clone()));
+            let spec = match serde_json::from_slice::<RouteDoc>(&entry.value) {
+                Ok(doc) => RouteSpec {
+                    job_type: job_type.clone(),
+                    name: doc.name,
+                    digest: doc.digest,
+                    limits: doc.limits,
+                    origin: Origin::Nats,
+                    revision: Some(entry.revision),
+                    fetch,
+                    unusable: None,
+                },
+                // Refused like a bad version: the one before keeps serving, and the job
+                // type stays routed.
+                Err(error) => RouteSpec {
+                    job_type: job_type.clone(),
+                    name: String::new(),
+                    digest: String::new(),
+                    limits: Limits::default(),
+                    origin: Origin::Nats,
+                    revision: Some(entry.revision),
+                    fetch,
+                    unusable: Some(Refusal::new(
+                        Step::Fetch,
+                        format!(
+                            "revision {} of {} is not a route document: {error}",
+                            entry.revision, entry.key
+                        ),
+                    )),
+                },
+            };
+            catalogue.offer(spec).await;
+            Some(job_type)
+        }
     }
 }
 
@@ -420,6 +431,56 @@ pub fn spawn_status(
     })
 }
 
+/// Follows the other replicas' statuses until `stop`, so that this host can tell a job type
+/// nobody serves from one that other replicas serve and it does not.
+pub fn spawn_peers(
+    catalogue: Arc<Catalogue>,
+    replicas: kv::Store,
+    host: String,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let own = replica_key(&host);
+        loop {
+            let watch = tokio::select! {
+                _ = stop.cancelled() => return,
+                watch = replicas.watch_with_history(">") => watch,
+            };
+            if let Ok(mut watch) = watch {
+                loop {
+                    let entry = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        entry = watch.next() => entry,
+                    };
+                    let Some(Ok(entry)) = entry else {
+                        break;
+                    };
+                    if entry.key == own {
+                        continue;
+                    }
+                    let served = (entry.operation == kv::Operation::Put)
+                        .then(|| serde_json::from_slice::<ReplicaStatus>(&entry.value).ok())
+                        .flatten()
+                        .map(|status| {
+                            status
+                                .catalogue
+                                .routes
+                                .into_iter()
+                                .filter(|(_, route)| route.serving.is_some())
+                                .map(|(job_type, _)| job_type)
+                                .collect()
+                        });
+                    catalogue.set_peer(&entry.key, served);
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    })
+}
+
 /// What `plugin push` did.
 #[derive(Debug)]
 pub struct Pushed {
@@ -429,6 +490,8 @@ pub struct Pushed {
     pub replaced: Option<RouteDoc>,
     /// False when the object was already stored.
     pub uploaded: bool,
+    /// The job type already had this version and these limits: nothing was written.
+    pub unchanged: bool,
 }
 
 /// Uploads `bytes` (unless stored already) and routes `job_type` to them, with `patch`
@@ -468,6 +531,19 @@ pub async fn push(
             .as_ref()
             .map(|(_, doc)| doc.limits)
             .unwrap_or(*defaults);
+        if let Some((revision, doc)) = &current
+            && doc.digest == digest
+            && doc.limits == patch.apply(&base)
+        {
+            // Nothing to change: a new revision would only make rollback a no-op.
+            return Ok(Pushed {
+                revision: *revision,
+                doc: doc.clone(),
+                replaced: None,
+                uploaded,
+                unchanged: true,
+            });
+        }
         let doc = RouteDoc {
             digest: digest.clone(),
             name: name.to_owned(),
@@ -486,6 +562,7 @@ pub async fn push(
                 doc,
                 replaced: current.map(|(_, doc)| doc),
                 uploaded,
+                unchanged: false,
             });
         }
     }
@@ -502,8 +579,8 @@ pub async fn rollback(
     for _ in 0..8 {
         let Some((revision, current)) = current_route(buckets, &key).await? else {
             bail!(
-                "job type {job_type} has no route in bucket {}",
-                buckets.routes_stream
+                "job type {job_type} has no route in bucket {} (nothing was pushed for it)",
+                buckets.routes_bucket
             );
         };
         let Some(previous) = current.previous else {

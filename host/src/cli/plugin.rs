@@ -32,7 +32,7 @@ pub enum PluginCommand {
     /// Show each job type's version and limits, and which replicas serve it or refused it.
     List(ListArgs),
     /// Route a job type back to the version before its current one. Repeat to go further
-    /// back (as far as the last 64 pushes).
+    /// back (as far as the last 64 writes of the job type, pushes and rollbacks).
     Rollback(RollbackArgs),
 }
 
@@ -130,11 +130,19 @@ async fn verify(config: &Config, name: &str, bytes: &[u8]) -> Result<Plugin, Ref
     let limits = config.catalogue.defaults;
     limits
         .check(config.sandbox.max_memory_mib)
-        .map_err(|reason| Refusal::new(Step::Limits, reason))?;
+        .map_err(|reason| {
+            Refusal::new(
+                Step::Limits,
+                format!(
+                    "{reason} (checked against this command's configuration; pass --config with \
+                 the hosts' file to check against theirs)"
+                ),
+            )
+        })?;
     plugin
         .trial(limits.plugin_limits())
         .await
-        .map_err(|e| Refusal::new(Step::Instantiate, e.to_string()))?;
+        .map_err(crate::catalogue::trial_refusal)?;
     Ok(plugin)
 }
 
@@ -274,8 +282,18 @@ async fn connect(args: &NatsArgs) -> anyhow::Result<(Config, jetstream::Context,
 }
 
 fn short(digest: &str) -> &str {
+    if digest.is_empty() {
+        return "(unreadable)";
+    }
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     &hex[..hex.len().min(12)]
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
@@ -314,6 +332,17 @@ async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
         &whoami(),
     )
     .await?;
+    if pushed.unchanged {
+        println!(
+            "{}: already routed to {} with these limits (revision {}); nothing written",
+            args.job_type, pushed.doc.digest, pushed.revision
+        );
+        println!("limits: {}", limits_text(&pushed.doc));
+        return match args.wait {
+            Some(secs) => wait_for(&buckets, &args.job_type, &pushed.doc.digest, secs).await,
+            None => Ok(ExitCode::SUCCESS),
+        };
+    }
     let from = pushed
         .replaced
         .as_ref()
@@ -380,8 +409,25 @@ async fn wait_for(
 ) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut printed = std::collections::BTreeSet::new();
+    let mut next_progress = Instant::now() + Duration::from_secs(5);
     loop {
-        let (_, replicas) = nats::list(buckets).await?;
+        let (_, mut replicas) = nats::list(buckets).await?;
+        // A replica that stopped without saying so stays in the bucket until it expires;
+        // one silent for over a heartbeat and a margin is not waited for.
+        let now_ms = unix_ms();
+        let stale_after = (nats::HEARTBEAT + Duration::from_secs(5)).as_millis() as u64;
+        replicas.retain(|r| {
+            let silent = now_ms.saturating_sub(r.updated_ms);
+            let stale = silent > stale_after;
+            if stale && printed.insert(r.host.clone()) {
+                println!(
+                    "  {}: not heard from for {} s (stopped?); not waited for",
+                    r.host,
+                    silent / 1000
+                );
+            }
+            !stale
+        });
         if replicas.is_empty() {
             eprintln!("no replica is running: nothing to wait for");
             return Ok(ExitCode::SUCCESS);
@@ -420,6 +466,15 @@ async fn wait_for(
             } else {
                 ExitCode::FAILURE
             });
+        }
+        if Instant::now() >= next_progress {
+            next_progress += Duration::from_secs(5);
+            let waiting: Vec<_> = replicas
+                .iter()
+                .filter(|r| !printed.contains(&r.host))
+                .map(|r| r.host.as_str())
+                .collect();
+            eprintln!("  waiting for {}", waiting.join(", "));
         }
         if Instant::now() >= deadline {
             for replica in replicas.iter().filter(|r| !printed.contains(&r.host)) {
@@ -517,6 +572,14 @@ fn replica_line(replica: &ReplicaStatus, job_type: &str, routed: &str) -> String
             }
         )),
         None => line.push_str("serving nothing"),
+    }
+    if let Some(serving) = &route.serving
+        && serving.origin != crate::catalogue::Origin::Nats
+    {
+        line.push_str(&format!(
+            ", memory {} MiB, deadline {} ms",
+            serving.limits.memory_mib, serving.limits.call_deadline_ms
+        ));
     }
     if route.state == "loading"
         && let Some(wanted) = &route.wanted
