@@ -216,6 +216,36 @@ async fn bad_versions_are_refused_and_the_previous_one_keeps_serving() {
             .is_some_and(|r| r.refused.is_some())
     })
     .await;
+    // A route that is not a route document: refused like a bad version, v1 serves on, and
+    // the operator's tools still work and can replace it.
+    let buckets = c.buckets().await;
+    buckets
+        .routes
+        .put("route.track", "{not json".into())
+        .await
+        .unwrap();
+    let status = c
+        .wait_replica("host-a", "refusing the unreadable route", |s| {
+            s.catalogue.routes["track"]
+                .refused
+                .as_ref()
+                .is_some_and(|r| r.reason.contains("not a route document"))
+        })
+        .await;
+    c.check(
+        serving(&status, "track").as_deref() == Some(&v1),
+        format!("v1 keeps serving: {status:?}"),
+    );
+    let list = c.plugin_cli(&["list"]).await;
+    c.check(
+        list.success && list.stdout.contains("is not a route document"),
+        format!(
+            "plugin list should name the unreadable route:\n{}",
+            list.text()
+        ),
+    );
+    c.push_plugin("track", &artifacts::tracker(), &[]).await;
+
     let spec = c.job("fresh-1", "fresh", &capture, false);
     let mut watch = c.watch(&spec.id).await;
     c.submit(&spec).await;

@@ -64,6 +64,7 @@ impl ArtifactCache {
                 ),
             ));
         }
+        let exposed = meta.permissions().mode() & 0o022 != 0;
         if meta.permissions().mode() & 0o077 != 0 {
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
         }
@@ -74,6 +75,11 @@ impl ArtifactCache {
             engine_key,
             engine_tag,
         };
+        if exposed {
+            // Others could write here: nothing in it can be trusted to run.
+            tracing::warn!(dir = %dir.display(), "The compiled-plugin cache was writable by others; emptying it");
+            cache.sweep_all();
+        }
         cache.sweep();
         Ok(cache)
     }
@@ -90,6 +96,17 @@ impl ArtifactCache {
     /// The verified machine code for the component whose sha256 is `digest_hex`.
     pub fn get(&self, digest_hex: &str) -> Result<Vec<u8>, CacheMiss> {
         let path = self.path(digest_hex);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) => {
+                if let Err(why) = trusted(&meta) {
+                    return Err(self.invalid(path, why));
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CacheMiss::Absent);
+            }
+            Err(error) => return Err(self.invalid(path, error.to_string())),
+        }
         let mut bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -105,7 +122,9 @@ impl ArtifactCache {
 
     /// Deletes an entry that could not be used, so that it is written afresh.
     pub fn invalid(&self, path: PathBuf, why: String) -> CacheMiss {
-        fs::remove_file(&path).ok();
+        if fs::remove_file(&path).is_err() {
+            fs::remove_dir_all(&path).ok();
+        }
         CacheMiss::Invalid { path, why }
     }
 
@@ -178,6 +197,20 @@ impl ArtifactCache {
             .fold((0, 0), |(n, bytes), meta| (n + 1, bytes + meta.len()))
     }
 
+    /// Removes every entry and temporary file.
+    fn sweep_all(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(SUFFIX) || name.starts_with(TEMP_PREFIX) {
+                self.invalid(entry.path(), "swept".into());
+            }
+        }
+    }
+
     /// Removes temporary files and entries this engine cannot load.
     fn sweep(&self) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
@@ -195,6 +228,23 @@ impl ArtifactCache {
             }
         }
     }
+}
+
+/// Whether an entry is one this host wrote: a regular file (not a link, pipe or device) of
+/// this user that nobody else may write.
+fn trusted(meta: &fs::Metadata) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.uid() != me {
+        return Err(format!("owned by user {}, not {me}", meta.uid()));
+    }
+    if meta.permissions().mode() & 0o022 != 0 {
+        return Err("writable by others".into());
+    }
+    Ok(())
 }
 
 /// What identifies code this engine can load: wasmtime's own compatibility hash, fed
@@ -277,6 +327,33 @@ mod tests {
         fs::write(cache.path(&other), &bytes).unwrap();
         let miss = cache.get(&other).unwrap_err();
         assert!(miss.to_string().contains("another component"), "{miss}");
+    }
+
+    #[test]
+    fn entries_others_could_have_written_are_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path());
+        cache.put(DIGEST, b"code").unwrap();
+        let path = cache.path(DIGEST);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).unwrap();
+        let miss = cache.get(DIGEST).unwrap_err();
+        assert!(miss.to_string().contains("writable by others"), "{miss}");
+        assert!(!path.exists());
+
+        // A pipe under an entry's name is refused without being opened (which would block).
+        let status = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let miss = cache.get(DIGEST).unwrap_err();
+        assert!(miss.to_string().contains("not a regular file"), "{miss}");
+
+        // A directory others could write: everything in it is thrown away on open.
+        cache.put(DIGEST, b"code").unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        let reopened = ArtifactCache::open(dir.path(), &Engine::default()).unwrap();
+        assert!(matches!(reopened.get(DIGEST), Err(CacheMiss::Absent)));
     }
 
     #[test]

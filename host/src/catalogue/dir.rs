@@ -116,22 +116,24 @@ impl DirSource {
         })
     }
 
-    fn candidates(&mut self) -> BTreeMap<(Origin, String), Candidate> {
+    /// The files to look at; `None` for the directory's part when it cannot be listed
+    /// right now (so that what it served is kept, not withdrawn, through a hiccup).
+    fn candidates(&mut self) -> (BTreeMap<(Origin, String), Candidate>, bool) {
         let mut out: BTreeMap<_, _> = self
             .pinned
             .iter()
             .map(|(name, c)| ((c.origin, name.clone()), c.clone()))
             .collect();
         let Some(dir) = &self.dir else {
-            return out;
+            return (out, true);
         };
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(error) => {
                 if self.warned.insert(String::new()) {
-                    tracing::warn!(dir = %dir.display(), error = %error, "Cannot read the catalogue directory");
+                    tracing::warn!(dir = %dir.display(), error = %error, "Cannot read the catalogue directory; its plugins keep serving as they were");
                 }
-                return out;
+                return (out, false);
             }
         };
         self.warned.remove("");
@@ -157,16 +159,17 @@ impl DirSource {
             };
             out.insert((Origin::Dir, name), candidate);
         }
-        out
+        (out, true)
     }
 
     /// One look at every file: offers what changed and settled, withdraws what is gone.
     async fn look(&mut self, first: bool) {
-        let candidates = self.candidates();
+        let (candidates, dir_listed) = self.candidates();
         let gone: Vec<_> = self
             .seen
             .keys()
             .filter(|key| !candidates.contains_key(*key))
+            .filter(|(origin, _)| dir_listed || *origin != Origin::Dir)
             .cloned()
             .collect();
         for (origin, name) in gone {
@@ -252,8 +255,18 @@ fn read_limits(path: &Path, base: &Limits) -> Result<Limits, String> {
 
 /// Reads a plugin file, refusing one larger than `max_bytes` before reading it.
 pub async fn read_plugin(path: &Path, max_bytes: u64) -> Result<Vec<u8>, Refusal> {
+    use tokio::io::AsyncReadExt;
     let fail = |e: std::io::Error| Refusal::new(Step::Fetch, format!("{}: {e}", path.display()));
-    let len = tokio::fs::metadata(path).await.map_err(fail)?.len();
+    let meta = tokio::fs::metadata(path).await.map_err(fail)?;
+    // A pipe would block the read for good, and a device (a link to /dev/zero) has no
+    // length to bound it by.
+    if !meta.is_file() {
+        return Err(Refusal::new(
+            Step::Fetch,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    let len = meta.len();
     if len > max_bytes {
         return Err(Refusal::new(
             Step::Fetch,
@@ -264,5 +277,63 @@ pub async fn read_plugin(path: &Path, max_bytes: u64) -> Result<Vec<u8>, Refusal
             ),
         ));
     }
-    tokio::fs::read(path).await.map_err(fail)
+    let file = tokio::fs::File::open(path).await.map_err(fail)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(fail)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(Refusal::new(
+            Step::Fetch,
+            format!("{} grew past {max_bytes} bytes while read", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_regular_files_within_the_bound_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = dir.path().join("ok.wasm");
+        std::fs::write(&plugin, b"\0asm").unwrap();
+        assert_eq!(read_plugin(&plugin, 4).await.unwrap(), b"\0asm");
+        let refusal = read_plugin(&plugin, 3).await.unwrap_err();
+        assert!(
+            refusal.reason.contains("over catalogue.max_plugin_mib"),
+            "{refusal:?}"
+        );
+
+        // A pipe would block the reader for good; a device has no length to bound.
+        let pipe = dir.path().join("pipe.wasm");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&pipe)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let zero = dir.path().join("zero.wasm");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        for path in [pipe, zero, dir.path().to_path_buf()] {
+            let refusal = read_plugin(&path, 1 << 20).await.unwrap_err();
+            assert!(refusal.reason.contains("not a regular file"), "{refusal:?}");
+        }
+    }
+
+    #[test]
+    fn a_limits_file_lays_over_the_base_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        let base = Limits::default();
+        assert_eq!(read_limits(&path, &base).unwrap(), base);
+        std::fs::write(&path, "memory_mib = 40\n").unwrap();
+        assert_eq!(read_limits(&path, &base).unwrap().memory_mib, 40);
+        std::fs::write(&path, "memry_mib = 40\n").unwrap();
+        assert!(read_limits(&path, &base).unwrap_err().contains("memry_mib"));
+    }
 }

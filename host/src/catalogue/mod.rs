@@ -468,10 +468,7 @@ impl Catalogue {
                 plugin
             }
         };
-        plugin
-            .trial(spec.limits.plugin_limits())
-            .await
-            .map_err(trial_refusal)?;
+        trial(&plugin, &spec.limits).await?;
         Ok(plugin)
     }
 
@@ -532,6 +529,39 @@ impl Catalogue {
         }
         out
     }
+}
+
+/// Longest a trial instantiation may run: start-up code is no place for long work, and a
+/// source waits for it.
+const TRIAL_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a trial waits for a free instance slot when every slot is taken by jobs.
+const TRIAL_SLOT_WAIT: Duration = Duration::from_secs(30);
+
+/// Instantiates `plugin` once under `limits` (its deadline capped at [`TRIAL_DEADLINE`]).
+/// A pool with no free slot is waited on, not taken for a refusal.
+pub async fn trial(plugin: &Plugin, limits: &Limits) -> Result<(), Refusal> {
+    let mut limits = limits.plugin_limits();
+    limits.call_deadline = limits.call_deadline.min(TRIAL_DEADLINE);
+    let started = Instant::now();
+    loop {
+        match plugin.trial(limits).await {
+            Ok(()) => return Ok(()),
+            Err(error) if is_pool_full(&error) && started.elapsed() < TRIAL_SLOT_WAIT => {
+                tracing::info!(
+                    digest = plugin.digest(),
+                    "Every plugin slot is in use; the trial waits for one"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(trial_refusal(error)),
+        }
+    }
+}
+
+/// Whether an instantiation failed only because the pooling allocator had no free slot.
+fn is_pool_full(error: &crate::sandbox::CallError) -> bool {
+    let text = error.to_string();
+    text.contains("maximum concurrent") && text.contains("limit")
 }
 
 /// Why a trial instantiation failed, in words that point at the cause.

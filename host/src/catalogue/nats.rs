@@ -33,8 +33,9 @@ pub const ROUTE_HISTORY: i64 = 64;
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// How long a replica's status outlives its last write.
 pub const REPLICA_TTL: Duration = Duration::from_secs(30);
-/// Longest a plugin download may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a plugin download may take (64 MiB at a modest 5 MiB/s is 13 s). Routes wait
+/// for it, so an object whose chunks never come must not hold them for long.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A route as stored in the routes bucket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -526,7 +527,12 @@ pub async fn push(
     };
     let key = route_key(job_type);
     for _ in 0..8 {
-        let current = current_route(buckets, &key).await?;
+        let (current, expected) = match current_entry(buckets, &key).await? {
+            Some((revision, Some(doc))) => (Some((revision, doc)), Some(revision)),
+            // An unreadable route is replaced; there is nothing to roll back to in it.
+            Some((revision, None)) => (None, Some(revision)),
+            None => (None, None),
+        };
         let base = current
             .as_ref()
             .map(|(_, doc)| doc.limits)
@@ -554,9 +560,7 @@ pub async fn push(
             pushed_by: pushed_by.to_owned(),
             rolled_back_from: None,
         };
-        if let Some(revision) =
-            write_route(buckets, &key, &doc, current.as_ref().map(|c| c.0)).await?
-        {
+        if let Some(revision) = write_route(buckets, &key, &doc, expected).await? {
             return Ok(Pushed {
                 revision,
                 doc,
@@ -617,24 +621,33 @@ pub async fn rollback(
     bail!("the route of {job_type} kept changing under this rollback; try again")
 }
 
-/// The live route under `key`, with its revision.
-async fn current_route(buckets: &Buckets, key: &str) -> anyhow::Result<Option<(u64, RouteDoc)>> {
+/// The live route under `key`, with its revision; the document is `None` when it cannot
+/// be read (written by hand, or by a newer framehost).
+async fn current_entry(
+    buckets: &Buckets,
+    key: &str,
+) -> anyhow::Result<Option<(u64, Option<RouteDoc>)>> {
     let entry = buckets
         .routes
         .entry(key)
         .await
         .with_context(|| format!("cannot read {key}"))?;
-    match entry {
+    Ok(match entry {
         Some(entry) if entry.operation == kv::Operation::Put => {
-            let doc = serde_json::from_slice(&entry.value).with_context(|| {
-                format!(
-                    "{key} (revision {}) is not a route document",
-                    entry.revision
-                )
-            })?;
-            Ok(Some((entry.revision, doc)))
+            Some((entry.revision, serde_json::from_slice(&entry.value).ok()))
         }
-        _ => Ok(None),
+        _ => None,
+    })
+}
+
+/// The live, readable route under `key`, with its revision.
+async fn current_route(buckets: &Buckets, key: &str) -> anyhow::Result<Option<(u64, RouteDoc)>> {
+    match current_entry(buckets, key).await? {
+        Some((revision, Some(doc))) => Ok(Some((revision, doc))),
+        Some((revision, None)) => bail!(
+            "{key} (revision {revision}) is not a route document; push a version to replace it"
+        ),
+        None => Ok(None),
     }
 }
 
@@ -672,6 +685,16 @@ async fn write_route(
     }
 }
 
+/// What the buckets hold: `plugin list`.
+pub struct Listing {
+    /// Job type → (revision, route).
+    pub routes: BTreeMap<String, (u64, RouteDoc)>,
+    /// Job types whose route is not a readable document, with its revision.
+    pub unreadable: Vec<(String, u64)>,
+    /// Every live replica's status, by host name.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
 /// The live keys of a bucket.
 async fn keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
     Ok(store
@@ -683,16 +706,19 @@ async fn keys(store: &kv::Store) -> anyhow::Result<Vec<String>> {
 }
 
 /// Every route, with its revision, and every live replica's status.
-pub async fn list(
-    buckets: &Buckets,
-) -> anyhow::Result<(BTreeMap<String, (u64, RouteDoc)>, Vec<ReplicaStatus>)> {
+pub async fn list(buckets: &Buckets) -> anyhow::Result<Listing> {
     let mut routes = BTreeMap::new();
+    let mut unreadable = Vec::new();
     for key in keys(&buckets.routes).await? {
         let Some(job_type) = key.strip_prefix("route.") else {
             continue;
         };
-        if let Some(route) = current_route(buckets, &key).await? {
-            routes.insert(job_type.to_owned(), route);
+        match current_entry(buckets, &key).await? {
+            Some((revision, Some(doc))) => {
+                routes.insert(job_type.to_owned(), (revision, doc));
+            }
+            Some((revision, None)) => unreadable.push((job_type.to_owned(), revision)),
+            None => {}
         }
     }
     let mut replicas = Vec::new();
@@ -704,5 +730,9 @@ pub async fn list(
         }
     }
     replicas.sort_by(|a, b| a.host.cmp(&b.host));
-    Ok((routes, replicas))
+    Ok(Listing {
+        routes,
+        unreadable,
+        replicas,
+    })
 }

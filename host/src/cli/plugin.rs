@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
 use async_nats::jetstream;
 use clap::{Args, Subcommand};
 use wasmtime::component::types::{ComponentItem, Type};
@@ -139,24 +138,15 @@ async fn verify(config: &Config, name: &str, bytes: &[u8]) -> Result<Plugin, Ref
                 ),
             )
         })?;
-    plugin
-        .trial(limits.plugin_limits())
-        .await
-        .map_err(crate::catalogue::trial_refusal)?;
+    crate::catalogue::trial(&plugin, &limits).await?;
     Ok(plugin)
 }
 
-fn read(file: &Path, max_bytes: u64) -> anyhow::Result<(String, Vec<u8>)> {
-    let len = std::fs::metadata(file)
-        .with_context(|| format!("cannot read {}", file.display()))?
-        .len();
-    if len > max_bytes {
-        bail!(
-            "{} is {len} bytes, over catalogue.max_plugin_mib ({max_bytes} bytes)",
-            file.display()
-        );
-    }
-    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+/// Reads a component as a host would: a regular file, at most `max_bytes`.
+async fn read(file: &Path, max_bytes: u64) -> anyhow::Result<(String, Vec<u8>)> {
+    let bytes = crate::catalogue::dir::read_plugin(file, max_bytes)
+        .await
+        .map_err(|refusal| anyhow::anyhow!("cannot read {}", refusal.reason))?;
     let name = file
         .file_stem()
         .and_then(|s| s.to_str())
@@ -167,7 +157,7 @@ fn read(file: &Path, max_bytes: u64) -> anyhow::Result<(String, Vec<u8>)> {
 
 async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let config = load_config(args.config.as_deref())?;
-    let (name, bytes) = read(&args.file, config.catalogue.max_plugin_mib << 20)?;
+    let (name, bytes) = read(&args.file, config.catalogue.max_plugin_mib << 20).await?;
     println!("file      {}", args.file.display());
     println!("size      {} bytes", bytes.len());
     println!("digest    {}", digest_of(&bytes));
@@ -298,7 +288,7 @@ fn unix_ms() -> u64 {
 
 async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
     let mut config = load_config(args.nats.config.as_deref())?;
-    let (name, bytes) = read(&args.file, config.catalogue.max_plugin_mib << 20)?;
+    let (name, bytes) = read(&args.file, config.catalogue.max_plugin_mib << 20).await?;
     let patch = LimitsPatch {
         memory_mib: args.memory_mib,
         call_deadline_ms: args.deadline_ms,
@@ -411,7 +401,7 @@ async fn wait_for(
     let mut printed = std::collections::BTreeSet::new();
     let mut next_progress = Instant::now() + Duration::from_secs(5);
     loop {
-        let (_, mut replicas) = nats::list(buckets).await?;
+        let mut replicas = nats::list(buckets).await?.replicas;
         // A replica that stopped without saying so stays in the bucket until it expires;
         // one silent for over a heartbeat and a margin is not waited for.
         let now_ms = unix_ms();
@@ -489,7 +479,11 @@ async fn wait_for(
 
 async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let (_config, _js, buckets) = connect(&args.nats).await?;
-    let (routes, replicas) = nats::list(&buckets).await?;
+    let nats::Listing {
+        routes,
+        unreadable,
+        replicas,
+    } = nats::list(&buckets).await?;
     if args.json {
         let routes: serde_json::Map<_, _> = routes
             .iter()
@@ -499,12 +493,26 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
                 (t.clone(), value)
             })
             .collect();
-        let out = serde_json::json!({ "routes": routes, "replicas": replicas });
+        let unreadable: serde_json::Map<_, _> = unreadable
+            .iter()
+            .map(|(t, revision)| (t.clone(), (*revision).into()))
+            .collect();
+        let out = serde_json::json!({
+            "routes": routes,
+            "unreadable_routes": unreadable,
+            "replicas": replicas,
+        });
         println!("{out}");
         return Ok(ExitCode::SUCCESS);
     }
-    if routes.is_empty() {
+    if routes.is_empty() && unreadable.is_empty() {
         println!("no job type is routed in NATS (push one with `framehost plugin push`)");
+    }
+    for (job_type, revision) in &unreadable {
+        println!(
+            "{job_type}  route revision {revision} is not a route document (replicas refuse it; \
+             push a version to replace it)"
+        );
     }
     for (job_type, (revision, doc)) in &routes {
         println!(
