@@ -216,6 +216,26 @@ async fn bad_versions_are_refused_and_the_previous_one_keeps_serving() {
             .is_some_and(|r| r.refused.is_some())
     })
     .await;
+    // A replica started now has no v1 in memory: it walks the route's history back past
+    // the refused versions and serves v1 too, the refusal still on show.
+    let a = 0;
+    c.host(a).terminate();
+    let log = c.logs();
+    within(JOB, "host-a to stop", || log, c.host(a).wait())
+        .await
+        .ok();
+    c.start_host("host-a").await;
+    let status = c
+        .wait_replica("host-a", "serving v1 after the restart", |s| {
+            serving(s, "track").as_deref() == Some(&v1)
+        })
+        .await;
+    let route = &status.catalogue.routes["track"];
+    c.check(
+        route.refused.as_ref().is_some_and(|r| r.digest == claimed),
+        format!("the refusal of the routed version stays on show: {route:?}"),
+    );
+
     // A route that is not a route document: refused like a bad version, v1 serves on, and
     // the operator's tools still work and can replace it.
     let buckets = c.buckets().await;
@@ -545,6 +565,7 @@ async fn the_winning_source_serves_and_a_withdrawn_route_falls_back() {
         revision: None,
         fetch: Fetch::File(path),
         unusable: None,
+        stands_in_for: None,
     };
     let configured = spec(artifacts::tracker(), Origin::Config);
     let dropped_in = spec(

@@ -238,6 +238,7 @@ impl DirSource {
             revision: None,
             fetch: Fetch::File(candidate.plugin.clone()),
             unusable,
+            stands_in_for: None,
         }
     }
 }

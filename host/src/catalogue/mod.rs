@@ -76,6 +76,9 @@ pub struct RouteSpec {
     /// read, its limits file or route document is broken): it is refused with this, and
     /// the version before it keeps serving.
     pub unusable: Option<Refusal>,
+    /// Set when this is an earlier version standing in for a refused one: the refusal
+    /// stays on show while it serves.
+    pub stands_in_for: Option<RefusedVersion>,
 }
 
 impl RouteSpec {
@@ -352,7 +355,7 @@ impl Catalogue {
             if current.origin != spec.origin || current.revision != spec.revision {
                 self.swap(&spec, current.plugin.clone());
             }
-            self.state().refused.remove(&spec.job_type);
+            self.note_loaded(&spec);
             self.changed();
             return;
         }
@@ -378,7 +381,7 @@ impl Catalogue {
         }
         match outcome {
             Ok(plugin) => {
-                self.state().refused.remove(&spec.job_type);
+                self.note_loaded(&spec);
                 self.swap(&spec, plugin);
                 tracing::info!(
                     job_type = %spec.job_type,
@@ -418,6 +421,21 @@ impl Catalogue {
             }
         }
         self.changed();
+    }
+
+    /// A version of the job type serves: its last refusal is over, unless this version
+    /// stands in for the refused one.
+    fn note_loaded(&self, spec: &RouteSpec) {
+        let mut state = self.state();
+        match &spec.stands_in_for {
+            Some(refused) => state.refused.insert(spec.job_type.clone(), refused.clone()),
+            None => state.refused.remove(&spec.job_type),
+        };
+    }
+
+    /// The last version of `job_type` refused here, while no later one has loaded.
+    pub fn refused(&self, job_type: &str) -> Option<RefusedVersion> {
+        self.state().refused.get(job_type).cloned()
     }
 
     fn swap(&self, spec: &RouteSpec, plugin: Plugin) {

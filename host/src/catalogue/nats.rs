@@ -293,17 +293,10 @@ async fn handle(catalogue: &Catalogue, buckets: &Buckets, entry: kv::Entry) -> O
         }
         kv::Operation::Put => {
             let fetch = Fetch::Object(Box::new(buckets.objects.clone()));
-            let spec = match serde_json::from_slice::<RouteDoc>(&entry.value) {
-                Ok(doc) => RouteSpec {
-                    job_type: job_type.clone(),
-                    name: doc.name,
-                    digest: doc.digest,
-                    limits: doc.limits,
-                    origin: Origin::Nats,
-                    revision: Some(entry.revision),
-                    fetch,
-                    unusable: None,
-                },
+            let doc = serde_json::from_slice::<RouteDoc>(&entry.value);
+            let previous = doc.as_ref().ok().and_then(|d| d.previous);
+            let spec = match doc {
+                Ok(doc) => doc_spec(&job_type, doc, entry.revision, buckets),
                 // Refused like a bad version: the one before keeps serving, and the job
                 // type stays routed.
                 Err(error) => RouteSpec {
@@ -321,10 +314,73 @@ async fn handle(catalogue: &Catalogue, buckets: &Buckets, entry: kv::Entry) -> O
                             entry.revision, entry.key
                         ),
                     )),
+                    stands_in_for: None,
                 },
             };
             catalogue.offer(spec).await;
+            if catalogue.route(&job_type).is_none()
+                && let Some(refused) = catalogue.refused(&job_type)
+            {
+                stand_in(catalogue, buckets, &job_type, previous, refused).await;
+            }
             Some(job_type)
+        }
+    }
+}
+
+fn doc_spec(job_type: &str, doc: RouteDoc, revision: u64, buckets: &Buckets) -> RouteSpec {
+    RouteSpec {
+        job_type: job_type.to_owned(),
+        name: doc.name,
+        digest: doc.digest,
+        limits: doc.limits,
+        origin: Origin::Nats,
+        revision: Some(revision),
+        fetch: Fetch::Object(Box::new(buckets.objects.clone())),
+        unusable: None,
+        stands_in_for: None,
+    }
+}
+
+/// Earlier versions tried, at most, when the routed one is refused and nothing serves.
+const STAND_IN_DEPTH: usize = 10;
+
+/// The routed version of `job_type` was refused and this replica serves nothing for it (it
+/// started after the bad push, so it has no previous version in memory): serves the latest
+/// earlier version in the route's history that loads, as replicas that were running keep
+/// theirs. The refusal stays on show.
+async fn stand_in(
+    catalogue: &Catalogue,
+    buckets: &Buckets,
+    job_type: &str,
+    mut previous: Option<u64>,
+    refused: super::RefusedVersion,
+) {
+    let key = route_key(job_type);
+    for _ in 0..STAND_IN_DEPTH {
+        let Some(revision) = previous else {
+            return;
+        };
+        let Ok(Some(entry)) = buckets.routes.entry_for_revision(&key, revision).await else {
+            return;
+        };
+        let Ok(doc) = serde_json::from_slice::<RouteDoc>(&entry.value) else {
+            return;
+        };
+        previous = doc.previous;
+        let mut spec = doc_spec(job_type, doc, revision, buckets);
+        spec.stands_in_for = Some(refused.clone());
+        let digest = spec.digest.clone();
+        catalogue.offer(spec).await;
+        if catalogue.route(job_type).is_some() {
+            tracing::warn!(
+                job_type,
+                digest,
+                revision,
+                refused = %refused.digest,
+                "Serving an earlier version of the job type while its routed version is refused"
+            );
+            return;
         }
     }
 }
