@@ -59,12 +59,27 @@ enum Command {
     /// Submit or stop jobs on NATS.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Check a configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Check plugins, and publish, list and roll back the versions a cluster serves.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
     /// Measure throughput, job start time and memory over many jobs (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file (with the environment overrides `serve` applies) and
+    /// print the effective configuration, every default filled in and secrets redacted.
+    /// Exits 1 with the reason if it is invalid.
+    Check {
+        /// The configuration file (TOML).
+        #[arg(env = "FRAMEHOST_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -339,9 +354,28 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Capture(CaptureCommand::Record(args)) => capture_record(args).await,
         Command::Job(JobCommand::Submit(args)) => submit(*args).await,
         Command::Job(JobCommand::Stop { id, nats }) => stop(&id, nats).await,
+        Command::Config(ConfigCommand::Check { config }) => config_check(&config),
         Command::Plugin(command) => plugin::run(command).await,
         Command::Bench(command) => crate::bench::run(command).await,
     }
+}
+
+fn config_check(path: &Path) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(path)?;
+    if let Some(secret) = &mut config.livekit.api_secret {
+        *secret = Secret::new("<redacted>");
+    }
+    let text = toml::to_string(&config).context("cannot print the configuration")?;
+    println!(
+        "# {} is valid; the effective configuration:\n",
+        path.display()
+    );
+    print!("{text}");
+    match config.catalogue.cache_dir() {
+        Some(dir) => println!("\n# compiled plugins are cached in {}", dir.display()),
+        None => println!("\n# compiled plugins are not cached"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {

@@ -368,3 +368,55 @@ async fn a_fifo_is_refused_not_waited_on() {
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("not a regular file"), "{stderr}");
 }
+
+/// `config check` prints the effective configuration (defaults filled in) with the LiveKit
+/// secret redacted, and exits 1 naming an unknown key.
+#[tokio::test]
+async fn config_check_prints_the_effective_configuration_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[livekit]\napi_key = \"key\"\napi_secret = \"s3cr3t-value\"\n[host]\nmax_jobs = 2\n",
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[host]\nmax_job = 2\n").unwrap();
+    let check = |path: std::path::PathBuf| async move {
+        let mut command = tokio::process::Command::new(artifacts::framehost_bin());
+        command
+            .args(["config", "check"])
+            .arg(path)
+            .env_remove("LIVEKIT_API_SECRET")
+            .env_remove("LIVEKIT_API_KEY");
+        within(
+            COMMAND,
+            "framehost config check",
+            String::new,
+            command.output(),
+        )
+        .await
+        .expect("framehost runs")
+    };
+
+    let out = check(good).await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let printed: framehost::config::Config =
+        toml::from_str(&stdout).expect("the output is a configuration");
+    assert_eq!(printed.host.max_jobs, 2);
+    assert_eq!(printed.host.queue_depth, 8, "defaults are filled in");
+    assert!(
+        !stdout.contains("s3cr3t-value"),
+        "the secret leaked:\n{stdout}"
+    );
+    assert!(stdout.contains("<redacted>"), "{stdout}");
+
+    let out = check(bad).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("max_job"),
+        "{}",
+        text(&out.stderr)
+    );
+}
