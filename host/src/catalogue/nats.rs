@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use async_nats::jetstream::{self, kv, object_store::ObjectStore};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
@@ -242,14 +242,34 @@ pub fn spawn_follow(
                                 break;
                             }
                         };
-                        let at_present = entry.delta == 0;
-                        if let Some(job_type) = handle(&catalogue, &buckets, entry).await {
-                            seen.insert(job_type.clone());
-                            routed.insert(job_type);
+                        // Entries already delivered behind this one: of a burst of pushes,
+                        // only each job type's last is loaded.
+                        let mut batch = vec![entry];
+                        let mut ended = false;
+                        while batch.len() < MAX_BATCH {
+                            match watch.next().now_or_never() {
+                                Some(Some(Ok(entry))) => batch.push(entry),
+                                Some(_) => {
+                                    ended = true;
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        let at_present = batch.iter().any(|e| e.delta == 0);
+                        for entry in latest_per_key(batch) {
+                            if let Some(job_type) = handle(&catalogue, &buckets, entry).await {
+                                seen.insert(job_type.clone());
+                                routed.insert(job_type);
+                            }
                         }
                         if at_present && !current {
                             current = true;
                             reconcile(&catalogue, &mut routed, &seen).await;
+                        }
+                        if ended {
+                            tracing::warn!("Route watch ended; watching again");
+                            break;
                         }
                     }
                 }
@@ -267,6 +287,19 @@ pub fn spawn_follow(
             }
         }
     })
+}
+
+/// Route entries taken from the watch at once, at most.
+const MAX_BATCH: usize = 1024;
+
+/// The last entry of each key, in the order those last entries came.
+fn latest_per_key(batch: Vec<kv::Entry>) -> Vec<kv::Entry> {
+    let mut latest: Vec<kv::Entry> = Vec::with_capacity(batch.len());
+    for entry in batch {
+        latest.retain(|kept| kept.key != entry.key);
+        latest.push(entry);
+    }
+    latest
 }
 
 /// Withdraws the job types this source routed that a new watch, now current, did not
