@@ -225,6 +225,9 @@ impl Catalogue {
     /// What replica `host` serves, as it last said; `None` when it has gone.
     pub fn set_peer(&self, host: &str, job_types: Option<BTreeSet<String>>) {
         let mut peers = self.peers.lock().expect("peers lock");
+        // Replicas that went quiet long ago (pods of earlier rollouts) are forgotten, so
+        // the map holds about as many entries as there are live replicas.
+        peers.retain(|_, (heard, _)| heard.elapsed() < FORGET_PEERS_AFTER);
         match job_types {
             Some(types) => {
                 peers.insert(host.to_owned(), (Instant::now(), types));
@@ -548,6 +551,9 @@ impl Catalogue {
         out
     }
 }
+
+/// How long a replica not heard from is remembered at all.
+const FORGET_PEERS_AFTER: Duration = Duration::from_secs(600);
 
 /// Longest a trial instantiation may run: start-up code is no place for long work, and a
 /// source waits for it.
