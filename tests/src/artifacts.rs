@@ -65,6 +65,12 @@ pub fn bad_signature() -> PathBuf {
     plugin("bad_signature")
 }
 
+/// The test plugin that tries to read files and the environment and to open sockets, and
+/// reports what it got.
+pub fn escape() -> PathBuf {
+    plugin("escape")
+}
+
 /// `target/wasm32-wasip2/release/<name>.wasm`.
 pub fn plugin(name: &str) -> PathBuf {
     let path = target_dir()

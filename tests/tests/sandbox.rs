@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use framehost::config::{Config, Limits, TrapPolicy};
-use framehost::job::{self, FailureKind, JobError, JobReport, JobSettings, JobSpec};
+use framehost::job::{self, FailureKind, JobError, JobEvent, JobReport, JobSettings, JobSpec};
 use framehost::sandbox::{LoadError, Plugin, Sandbox, SandboxConfig};
 use framehost::source::SourceSpec;
 use framehost_tests::{artifacts, captures, within};
@@ -24,6 +24,7 @@ struct Engine {
     sandbox: Sandbox,
     tracker: Plugin,
     misbehave: Plugin,
+    escape: Plugin,
 }
 
 fn engine() -> &'static Engine {
@@ -42,6 +43,7 @@ fn engine() -> &'static Engine {
         Engine {
             tracker: load(artifacts::tracker()),
             misbehave: load(artifacts::misbehave()),
+            escape: load(artifacts::escape()),
             sandbox,
         }
     })
@@ -377,4 +379,158 @@ async fn a_stop_ends_a_realtime_job_waiting_out_a_long_gap() {
     .expect("a stopped job is not a failure");
     assert!(report.stopped, "{report:?}");
     assert!(report.frames_processed < FRAMES, "{report:?}");
+}
+
+/// Where the escape plugin tries to write.
+const ESCAPE_WRITE_PATH: &str = "/tmp/escape-was-here";
+/// Every attempt the escape plugin must report, besides those named after the test's own
+/// port and files.
+const ESCAPE_ATTEMPTS: &[&str] = &[
+    "fs_read:/etc/passwd",
+    "fs_read:/proc/self/environ",
+    "fs_read:Cargo.toml",
+    "fs_read_dir:.",
+    "fs_read_dir:/",
+    "fs_metadata:/",
+    "fs_write:/tmp/escape-was-here",
+    "env_vars",
+    "env_args",
+    "env_current_dir",
+    "tcp_bind:127.0.0.1:0",
+    "udp_bind:127.0.0.1:0",
+    "dns_lookup:localhost",
+];
+
+/// A plugin that tries every way out a WASI program has, with plain std calls, gets
+/// nothing: no file read or written, an empty environment and argument list, no TCP
+/// connection (and the port it aims at sees none), no socket bound, no name resolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_reaches_no_files_environment_or_network() {
+    const SECRET_NAME: &str = "FRAMEHOST_ESCAPE_TEST_TOKEN";
+    const SECRET: &str = "sk-escape-3f9a1c7e5b2d4086";
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener binds");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().unwrap().port();
+    // SAFETY: this binary's other tests only read the environment through std, which
+    // serialises every access with its own lock; nothing here calls libc's getenv.
+    unsafe { std::env::set_var(SECRET_NAME, SECRET) };
+    // Files the test process can read: the workspace manifest, and one holding the secret.
+    let manifest = artifacts::workspace_root().join("Cargo.toml");
+    let secret_file = Path::new(env!("CARGO_TARGET_TMPDIR")).join("escape-secret.txt");
+    std::fs::write(&secret_file, SECRET).expect("write the secret file");
+    // A file left by an earlier run would read as an escape that did not happen now.
+    std::fs::remove_file(ESCAPE_WRITE_PATH).ok();
+
+    let config = serde_json::json!({
+        "tcp_port": port,
+        "env_name": SECRET_NAME,
+        "read_paths": [manifest.display().to_string(), secret_file.display().to_string()],
+        "write_path": ESCAPE_WRITE_PATH,
+    });
+    let (outcome, results) = run_collecting(spec("escape", config), &engine().escape).await;
+    let report = outcome.unwrap_or_else(|e| panic!("the escape job failed: {e}"));
+    assert_eq!(report.frames_processed, FRAMES, "{report:?}");
+    assert_eq!(
+        results.len() as u64,
+        FRAMES,
+        "one result per frame: {report:?}"
+    );
+
+    // The secret must not surface anywhere the plugin could put it.
+    let summary = report.summary.to_string();
+    for text in results.iter().map(|r| r.as_str()).chain([summary.as_str()]) {
+        assert!(!text.contains(SECRET), "the secret leaked into {text}");
+    }
+
+    let mut expected: Vec<String> = ESCAPE_ATTEMPTS.iter().map(|a| a.to_string()).collect();
+    expected.push(format!("fs_read:{}", manifest.display()));
+    expected.push(format!("fs_read:{}", secret_file.display()));
+    expected.push(format!("env_var:{SECRET_NAME}"));
+    expected.push(format!("tcp_connect:127.0.0.1:{port}"));
+
+    let host_cwd = std::env::current_dir().unwrap().display().to_string();
+    let mut rounds: Vec<(String, serde_json::Value)> = vec![
+        ("init".into(), report.summary["init"].clone()),
+        ("last frame".into(), report.summary["last_frame"].clone()),
+    ];
+    for text in &results {
+        let value: serde_json::Value = serde_json::from_str(text).expect("a result is JSON");
+        rounds.push((
+            format!("frame {}", value["frame"]),
+            value["attempts"].clone(),
+        ));
+    }
+    for (round, attempts) in &rounds {
+        let attempts = attempts
+            .as_array()
+            .unwrap_or_else(|| panic!("{round}: {attempts}"));
+        for name in &expected {
+            let attempt = attempts
+                .iter()
+                .find(|a| a["attempt"] == name.as_str())
+                .unwrap_or_else(|| panic!("{round}: no {name} attempt in {attempts:?}"));
+            let detail = attempt["detail"].as_str().unwrap_or("");
+            if name == "env_current_dir" {
+                // WASI keeps a working directory of its own ("/"); it must not be the host's.
+                assert!(
+                    host_cwd == "/" || !detail.contains(&host_cwd),
+                    "{round}: the plugin saw the host's working directory: {attempt}"
+                );
+                continue;
+            }
+            assert_eq!(
+                attempt["ok"].as_bool(),
+                Some(false),
+                "{round}: {name} got through: {attempt}"
+            );
+            if name == "env_vars" || name == "env_args" {
+                assert_eq!(detail, "empty", "{round}: {attempt}");
+            }
+        }
+    }
+    let ever_ok = &report.summary["ever_ok"];
+    assert!(
+        ever_ok
+            .as_array()
+            .is_some_and(|a| a.iter().all(|n| n == "env_current_dir")),
+        "attempts that succeeded at some point: {ever_ok}"
+    );
+
+    // Nothing reached the port or the filesystem, whatever the plugin believed.
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Ok((_, from)) => panic!("the plugin connected to the test's listener from {from}"),
+        Err(e) => panic!("accept failed: {e}"),
+    }
+    assert!(
+        !Path::new(ESCAPE_WRITE_PATH).exists(),
+        "{ESCAPE_WRITE_PATH} exists after the job"
+    );
+}
+
+/// Runs a job to its end on the default limits, keeping the results it published, as text.
+async fn run_collecting(
+    spec: JobSpec,
+    plugin: &Plugin,
+) -> (Result<JobReport, JobError>, Vec<String>) {
+    let plugin = plugin.clone();
+    let settings = JobSettings::new(&Config::default(), &Limits::default());
+    let run = tokio::spawn(async move {
+        let (events, mut received) = mpsc::channel(16);
+        let collect = tokio::spawn(async move {
+            let mut results = Vec::new();
+            while let Some(event) = received.recv().await {
+                if let JobEvent::Result { result, .. } = event {
+                    results.push(String::from_utf8_lossy(&result.data).into_owned());
+                }
+            }
+            results
+        });
+        let outcome = job::run(&spec, &plugin, &settings, events, CancellationToken::new()).await;
+        (outcome, collect.await.expect("collector task"))
+    });
+    within(JOB, "the job to end", String::new, run)
+        .await
+        .expect("job task")
 }
