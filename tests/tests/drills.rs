@@ -1,0 +1,167 @@
+//! Failure drills from production: the NATS server restarting under a running job, and
+//! SIGTERM with jobs running (finished within the grace period, or handed back after it).
+
+use std::time::Duration;
+
+use framehost::intake::JobState;
+use framehost_tests::{Cluster, artifacts, captures, within};
+
+/// Bound on a job's run, from submission to its final status.
+const JOB: Duration = Duration::from_secs(150);
+
+/// The server dies and comes back (same port and storage) while a job runs: the host
+/// reconnects, the job finishes, its ack lands, and it is not run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_job_loses_nothing() {
+    let mut c = Cluster::start().await;
+    c.config.host.progress_interval_secs = 1;
+    c.serve_job_type("track", artifacts::tracker());
+    // 10 s at 10 fps: the restart falls in the middle.
+    let capture = c.capture("paced", &captures::options(100, 4, 2, 10.0));
+    c.start_host("host-a").await;
+
+    let spec = c.job("through-restart", "track", &capture, true);
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.within(JOB, "progress from host-a", watch.until(JobState::Progress))
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"));
+
+    c.nats.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    if let Err(error) = c.nats.restart().await {
+        c.fail(format!("cannot restart nats-server: {error:#}"));
+    }
+
+    let last = c
+        .within(
+            JOB,
+            "the job's final status",
+            watch.until(JobState::Finished),
+        )
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"));
+    let report = last.report.clone().unwrap_or_default();
+    c.check(
+        last.host == "host-a" && report.frames_processed == 100,
+        format!("expected all 100 frames processed on host-a, got {last:?}"),
+    );
+    c.wait_queue_empty("the job is acked after the restart")
+        .await;
+    let stream = c.jobs_stream_state().await;
+    c.check(
+        stream.last_sequence == 1,
+        format!("the job was not published again: {stream:?}"),
+    );
+}
+
+/// SIGTERM with a short job running: the host takes no new job, lets it finish within the
+/// grace period, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_job_finish_within_the_grace_period() {
+    let mut c = Cluster::start().await;
+    c.config.host.shutdown_grace_secs = 60;
+    c.serve_job_type("track", artifacts::tracker());
+    let capture = c.capture("paced", &captures::options(30, 4, 2, 10.0));
+    let a = c.start_host("host-a").await;
+
+    let spec = c.job("finishes", "track", &capture, true);
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.within(JOB, "the job to start", watch.until(JobState::Started))
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.host(a).terminate();
+
+    let last = c
+        .within(JOB, "the job's final status", watch.until_final())
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.check(
+        last.state == JobState::Finished
+            && last
+                .report
+                .as_ref()
+                .is_some_and(|r| r.frames_processed == 30),
+        format!("expected the job to finish all 30 frames, got {last:?}"),
+    );
+    let log = c.logs();
+    let status = within(JOB, "host-a to exit", || log, c.host(a).wait())
+        .await
+        .unwrap_or_else(|e| c.fail(format!("cannot wait for host-a: {e}")));
+    c.check(
+        status.success(),
+        format!("host-a should exit 0, got {status}"),
+    );
+    c.wait_queue_empty("the finished job is acked").await;
+}
+
+/// SIGTERM with a job longer than the grace period: the job is stopped and handed back
+/// (`requeued`), the host exits 0, and another host runs the job to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_back_a_job_that_outlasts_the_grace_period() {
+    let mut c = Cluster::start().await;
+    c.config.host.shutdown_grace_secs = 1;
+    c.config.nats.nak_delay_secs = 1;
+    c.serve_job_type("track", artifacts::tracker());
+    // 30 s at 10 fps: far longer than the grace period.
+    let capture = c.capture("long", &captures::options(300, 4, 2, 10.0));
+    let a = c.start_host("host-a").await;
+
+    let spec = c.job("handed-back", "track", &capture, true);
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.within(JOB, "the job to start", watch.until(JobState::Started))
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.host(a).terminate();
+
+    let requeued = c
+        .within(
+            JOB,
+            "the job to be handed back",
+            watch.until(JobState::Requeued),
+        )
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.check(
+        requeued.host == "host-a",
+        format!("expected host-a to hand the job back, got {requeued:?}"),
+    );
+    let log = c.logs();
+    let status = within(JOB, "host-a to exit", || log, c.host(a).wait())
+        .await
+        .unwrap_or_else(|e| c.fail(format!("cannot wait for host-a: {e}")));
+    c.check(
+        status.success(),
+        format!("host-a should exit 0, got {status}"),
+    );
+
+    c.start_host("host-b").await;
+    let started = c
+        .within(
+            JOB,
+            "the job to start on host-b",
+            watch.until(JobState::Started),
+        )
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.check(
+        started.host == "host-b",
+        format!("expected host-b to take the job, got {started:?}"),
+    );
+    // host-b need not replay all 30 s: a stop request ends it, and it is acked.
+    c.client
+        .request(c.nats_config().control_subject(&spec.id), "stop".into())
+        .await
+        .unwrap_or_else(|e| c.fail(format!("stop request failed: {e}")));
+    let last = c
+        .within(JOB, "the job's final status on host-b", watch.until_final())
+        .await
+        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.check(
+        last.state == JobState::Stopped && last.host == "host-b",
+        format!("expected the job stopped on host-b, got {last:?}"),
+    );
+    c.wait_queue_empty("the job is acked by host-b").await;
+}
