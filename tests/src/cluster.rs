@@ -15,6 +15,11 @@ use tempfile::TempDir;
 
 use crate::livekit::LiveKitDouble;
 use crate::{HostProcess, JobWatch, NatsServer, captures};
+use framehost::intake::{JobState, JobStatus};
+
+/// Bound on a job's run in tests, from submission to its final status: generous, since a
+/// debug host on a busy two-core machine is slow, and a hang is what it catches.
+pub const JOB_WAIT: Duration = Duration::from_secs(150);
 
 /// Log lines of each host shown when a test fails.
 const LOG_TAIL_LINES: usize = 40;
@@ -151,6 +156,27 @@ impl Cluster {
         fut: F,
     ) -> F::Output {
         within(limit, what, || self.logs(), fut).await
+    }
+
+    /// Waits, for at most [`JOB_WAIT`], until `watch` sees a status in `state`, and returns
+    /// it; fails the test with the hosts' logs otherwise.
+    pub async fn until(
+        &self,
+        watch: &mut JobWatch,
+        state: JobState,
+        what: impl Display,
+    ) -> JobStatus {
+        self.within(JOB_WAIT, what, watch.until(state))
+            .await
+            .unwrap_or_else(|| self.fail("status subscription ended"))
+    }
+
+    /// Waits, for at most [`JOB_WAIT`], for the job's final status (finished, stopped,
+    /// failed or requeued).
+    pub async fn until_final(&self, watch: &mut JobWatch, what: impl Display) -> JobStatus {
+        self.within(JOB_WAIT, what, watch.until_final())
+            .await
+            .unwrap_or_else(|| self.fail("status subscription ended"))
     }
 
     /// Makes a capture in the scratch directory.

@@ -22,7 +22,7 @@ mod jobs;
 pub mod livekit;
 mod nats_server;
 
-pub use cluster::{Cluster, within};
+pub use cluster::{Cluster, JOB_WAIT, within};
 pub use host_process::HostProcess;
 pub use jobs::{JobResult, JobWatch};
 pub use nats_server::NatsServer;

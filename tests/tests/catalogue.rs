@@ -59,9 +59,8 @@ async fn a_push_under_load_swaps_new_jobs_and_lets_running_ones_finish() {
         let mut watch = c.watch(&spec.id).await;
         c.submit(&spec).await;
         let started = c
-            .within(JOB, "an early job to start", watch.until(JobState::Started))
-            .await
-            .unwrap_or_else(|| c.fail("status subscription ended"));
+            .until(&mut watch, JobState::Started, "an early job to start")
+            .await;
         c.check(
             started.plugin_digest.as_deref() == Some(&v1),
             format!("the started status names the version: {started:?}"),
@@ -270,13 +269,8 @@ async fn bad_versions_are_refused_and_the_previous_one_keeps_serving() {
     let mut watch = c.watch(&spec.id).await;
     c.submit(&spec).await;
     let status = c
-        .within(
-            JOB,
-            "the first failure of fresh-1",
-            watch.until(JobState::Failed),
-        )
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until(&mut watch, JobState::Failed, "the first failure of fresh-1")
+        .await;
     c.check(
         status.kind == Some(FailureKind::Transient)
             && status.reason.as_deref() == Some("plugin_not_loaded"),
@@ -665,13 +659,8 @@ async fn a_job_type_only_some_replicas_serve_is_handed_back_not_dead_lettered() 
     let mut watch = c.watch(&spec.id).await;
     c.submit(&spec).await;
     let failed = c
-        .within(
-            JOB,
-            "host-a handing solo-1 back",
-            watch.until(JobState::Failed),
-        )
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until(&mut watch, JobState::Failed, "host-a handing solo-1 back")
+        .await;
     c.check(
         failed.host == "host-a"
             && failed.reason.as_deref() == Some("job_type_elsewhere")
@@ -682,9 +671,8 @@ async fn a_job_type_only_some_replicas_serve_is_handed_back_not_dead_lettered() 
     // host-b comes back and runs it on a later delivery.
     c.start_host("host-b").await;
     let status = c
-        .within(JOB, "solo-1 to finish", watch.until(JobState::Finished))
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until(&mut watch, JobState::Finished, "solo-1 to finish")
+        .await;
     finished_on(&c, &status, 10);
     c.check(
         status.host == "host-b",

@@ -23,9 +23,8 @@ async fn a_nats_restart_mid_job_loses_nothing() {
     let spec = c.job("through-restart", "track", &capture, true);
     let mut watch = c.watch(&spec.id).await;
     c.submit(&spec).await;
-    c.within(JOB, "progress from host-a", watch.until(JobState::Progress))
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.until(&mut watch, JobState::Progress, "progress from host-a")
+        .await;
 
     c.nats.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -34,13 +33,8 @@ async fn a_nats_restart_mid_job_loses_nothing() {
     }
 
     let last = c
-        .within(
-            JOB,
-            "the job's final status",
-            watch.until(JobState::Finished),
-        )
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until(&mut watch, JobState::Finished, "the job's final status")
+        .await;
     let report = last.report.clone().unwrap_or_default();
     c.check(
         last.host == "host-a" && report.frames_processed == 100,
@@ -68,15 +62,11 @@ async fn sigterm_lets_a_running_job_finish_within_the_grace_period() {
     let spec = c.job("finishes", "track", &capture, true);
     let mut watch = c.watch(&spec.id).await;
     c.submit(&spec).await;
-    c.within(JOB, "the job to start", watch.until(JobState::Started))
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.until(&mut watch, JobState::Started, "the job to start")
+        .await;
     c.host(a).terminate();
 
-    let last = c
-        .within(JOB, "the job's final status", watch.until_final())
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+    let last = c.until_final(&mut watch, "the job's final status").await;
     c.check(
         last.state == JobState::Finished
             && last
@@ -111,19 +101,13 @@ async fn sigterm_hands_back_a_job_that_outlasts_the_grace_period() {
     let spec = c.job("handed-back", "track", &capture, true);
     let mut watch = c.watch(&spec.id).await;
     c.submit(&spec).await;
-    c.within(JOB, "the job to start", watch.until(JobState::Started))
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.until(&mut watch, JobState::Started, "the job to start")
+        .await;
     c.host(a).terminate();
 
     let requeued = c
-        .within(
-            JOB,
-            "the job to be handed back",
-            watch.until(JobState::Requeued),
-        )
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until(&mut watch, JobState::Requeued, "the job to be handed back")
+        .await;
     c.check(
         requeued.host == "host-a",
         format!("expected host-a to hand the job back, got {requeued:?}"),
@@ -139,13 +123,8 @@ async fn sigterm_hands_back_a_job_that_outlasts_the_grace_period() {
 
     c.start_host("host-b").await;
     let started = c
-        .within(
-            JOB,
-            "the job to start on host-b",
-            watch.until(JobState::Started),
-        )
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until(&mut watch, JobState::Started, "the job to start on host-b")
+        .await;
     c.check(
         started.host == "host-b",
         format!("expected host-b to take the job, got {started:?}"),
@@ -156,9 +135,8 @@ async fn sigterm_hands_back_a_job_that_outlasts_the_grace_period() {
         .await
         .unwrap_or_else(|e| c.fail(format!("stop request failed: {e}")));
     let last = c
-        .within(JOB, "the job's final status on host-b", watch.until_final())
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until_final(&mut watch, "the job's final status on host-b")
+        .await;
     c.check(
         last.state == JobState::Stopped && last.host == "host-b",
         format!("expected the job stopped on host-b, got {last:?}"),

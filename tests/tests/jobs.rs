@@ -37,10 +37,7 @@ async fn job_runs_to_success_and_is_acked() {
         first.state == JobState::Started && first.host == "host-a" && first.delivery == 1,
         format!("expected Started on host-a, delivery 1; got {first:?}"),
     );
-    let last = c
-        .within(JOB, "a final status", watch.until_final())
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+    let last = c.until_final(&mut watch, "a final status").await;
     c.check(
         last.state == JobState::Finished,
         format!("expected Finished, got {last:?}"),
@@ -124,10 +121,7 @@ async fn failing_job_is_dead_lettered_and_not_redelivered() {
     let mut watch = c.watch(&spec.id).await;
     c.submit(&spec).await;
 
-    let last = c
-        .within(JOB, "a final status", watch.until_final())
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+    let last = c.until_final(&mut watch, "a final status").await;
     c.check(
         last.state == JobState::Failed
             && last.kind == Some(FailureKind::Permanent)
@@ -191,13 +185,8 @@ async fn job_that_kills_every_host_is_dead_lettered() {
             host
         };
         let started = c
-            .within(
-                JOB,
-                format!("Started on {name}"),
-                watch.until(JobState::Started),
-            )
-            .await
-            .unwrap_or_else(|| c.fail("status subscription ended"));
+            .until(&mut watch, JobState::Started, format!("Started on {name}"))
+            .await;
         c.check(
             started.host == name,
             format!("expected Started on {name}, got {started:?}"),
@@ -207,10 +196,7 @@ async fn job_that_kills_every_host_is_dead_lettered() {
 
     // A host that never ran the job hears that JetStream gave up on it.
     c.start_host("host-c").await;
-    let last = c
-        .within(JOB, "Failed (max_deliveries)", watch.until_final())
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+    let last = c.until_final(&mut watch, "Failed (max_deliveries)").await;
     c.check(
         last.state == JobState::Failed
             && last.reason.as_deref() == Some("max_deliveries")
@@ -251,18 +237,16 @@ async fn job_of_a_killed_host_is_finished_by_another() {
     let mut watch = c.watch(&spec.id).await;
     c.submit(&spec).await;
     let started = c
-        .within(JOB, "Started on host-a", watch.until(JobState::Started))
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until(&mut watch, JobState::Started, "Started on host-a")
+        .await;
     c.check(
         started.host == "host-a" && started.delivery == 1,
         format!("expected host-a, delivery 1; got {started:?}"),
     );
     // Mid-job: the host has reported progress (and sent in-progress acks) before it dies.
     let progress = c
-        .within(JOB, "Progress from host-a", watch.until(JobState::Progress))
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until(&mut watch, JobState::Progress, "Progress from host-a")
+        .await;
     c.check(
         progress.host == "host-a",
         format!("expected progress from host-a, got {progress:?}"),
@@ -271,13 +255,12 @@ async fn job_of_a_killed_host_is_finished_by_another() {
 
     c.start_host("host-b").await;
     let restarted = c
-        .within(
-            JOB,
+        .until(
+            &mut watch,
+            JobState::Started,
             "the job redelivered to host-b",
-            watch.until(JobState::Started),
         )
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .await;
     // The job was not published again: host-b runs the one message host-a held. (Its
     // `delivery` is what the server counts; nats-server 2.9 does not count a delivery to a
     // puller whose connection died, so it may still say 1.)
@@ -291,9 +274,8 @@ async fn job_of_a_killed_host_is_finished_by_another() {
         format!("expected the one job message redelivered, not a new one; stream {stream:?}"),
     );
     let last = c
-        .within(JOB, "a final status from host-b", watch.until_final())
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until_final(&mut watch, "a final status from host-b")
+        .await;
     let report = last.report.clone().unwrap_or_default();
     c.check(
         last.state == JobState::Finished
@@ -328,10 +310,7 @@ async fn unknown_type_and_malformed_job_are_dead_lettered() {
     let spec = c.job("job-unknown", "no-such-type", &capture, false);
     let mut watch = c.watch(&spec.id).await;
     c.submit(&spec).await;
-    let last = c
-        .within(JOB, "a final status", watch.until_final())
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+    let last = c.until_final(&mut watch, "a final status").await;
     c.check(
         last.state == JobState::Failed
             && last.kind == Some(FailureKind::Permanent)
@@ -373,9 +352,8 @@ async fn unknown_type_and_malformed_job_are_dead_lettered() {
     let mut watch = c.watch(&good.id).await;
     c.submit(&good).await;
     let last = c
-        .within(JOB, "the good job after the bad ones", watch.until_final())
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until_final(&mut watch, "the good job after the bad ones")
+        .await;
     c.check(
         last.state == JobState::Finished
             && last
@@ -460,9 +438,7 @@ async fn stop_request_ends_a_running_job() {
     let spec = c.job("job-stopped", "track", &capture, true);
     let mut watch = c.watch(&spec.id).await;
     c.submit(&spec).await;
-    c.within(JOB, "Started", watch.until(JobState::Started))
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+    c.until(&mut watch, JobState::Started, "Started").await;
 
     let output = c
         .within(
@@ -484,9 +460,8 @@ async fn stop_request_ends_a_running_job() {
     );
 
     let last = c
-        .within(JOB, "a final status after the stop", watch.until_final())
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"));
+        .until_final(&mut watch, "a final status after the stop")
+        .await;
     let report = last.report.clone().unwrap_or_default();
     c.check(
         last.state == JobState::Stopped && report.stopped && report.frames_in < 60,
