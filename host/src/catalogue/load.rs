@@ -139,10 +139,6 @@ impl Compiler {
         }
     }
 
-    pub fn sandbox(&self) -> &Sandbox {
-        &self.sandbox
-    }
-
     pub fn cache(&self) -> Option<&ArtifactCache> {
         self.cache.as_ref()
     }

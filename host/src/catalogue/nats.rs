@@ -179,7 +179,7 @@ pub fn object_name(digest: &str) -> String {
     digest.replacen(':', "-", 1)
 }
 
-fn unix_now() -> Duration {
+pub fn unix_now() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

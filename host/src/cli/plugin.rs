@@ -260,7 +260,7 @@ fn whoami() -> String {
     format!("{user}@{}", intake::hostname())
 }
 
-async fn connect(args: &NatsArgs) -> anyhow::Result<(Config, jetstream::Context, Buckets)> {
+async fn connect(args: &NatsArgs) -> anyhow::Result<(Config, Buckets)> {
     let mut config = load_config(args.config.as_deref())?;
     if let Some(url) = &args.nats {
         config.nats.url = url.clone();
@@ -268,7 +268,7 @@ async fn connect(args: &NatsArgs) -> anyhow::Result<(Config, jetstream::Context,
     let client = intake::connect(&config.nats, intake::FirstConnect::FailFast).await?;
     let js = jetstream::new(client);
     let buckets = Buckets::open(&js, &config.catalogue).await?;
-    Ok((config, js, buckets))
+    Ok((config, buckets))
 }
 
 fn short(digest: &str) -> &str {
@@ -277,13 +277,6 @@ fn short(digest: &str) -> &str {
     }
     let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
     &hex[..hex.len().min(12)]
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
@@ -311,7 +304,7 @@ async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::FAILURE);
     }
-    let (config, _js, buckets) = connect(&args.nats).await?;
+    let (config, buckets) = connect(&args.nats).await?;
     let pushed = nats::push(
         &buckets,
         &args.job_type,
@@ -359,7 +352,7 @@ async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn rollback(args: RollbackArgs) -> anyhow::Result<ExitCode> {
-    let (_config, _js, buckets) = connect(&args.nats).await?;
+    let (_, buckets) = connect(&args.nats).await?;
     let (from, revision, to) = nats::rollback(&buckets, &args.job_type, &whoami()).await?;
     println!(
         "{}: {} → {} ({}, revision {})",
@@ -382,12 +375,14 @@ fn limits_text(doc: &RouteDoc) -> String {
         .queue_depth
         .map(|q| q.to_string())
         .unwrap_or_else(|| "host default".into());
+    let on_trap = match l.on_trap {
+        TrapPolicy::Fail => "fail",
+        TrapPolicy::Restart => "restart",
+    };
     format!(
-        "memory {} MiB, deadline {} ms, on trap {:?} (max {} restarts), queue {queue}",
-        l.memory_mib, l.call_deadline_ms, l.on_trap, l.max_restarts
+        "memory {} MiB, deadline {} ms, on trap {on_trap} (max {} restarts), queue {queue}",
+        l.memory_mib, l.call_deadline_ms, l.max_restarts
     )
-    .replace("Fail", "fail")
-    .replace("Restart", "restart")
 }
 
 /// Waits until every live replica serves or refused `digest` for `job_type`.
@@ -404,7 +399,7 @@ async fn wait_for(
         let mut replicas = nats::list(buckets).await?.replicas;
         // A replica that stopped without saying so stays in the bucket until it expires;
         // one silent for over a heartbeat and a margin is not waited for.
-        let now_ms = unix_ms();
+        let now_ms = nats::unix_now().as_millis() as u64;
         let stale_after = (nats::HEARTBEAT + Duration::from_secs(5)).as_millis() as u64;
         replicas.retain(|r| {
             let silent = now_ms.saturating_sub(r.updated_ms);
@@ -478,7 +473,7 @@ async fn wait_for(
 }
 
 async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
-    let (_config, _js, buckets) = connect(&args.nats).await?;
+    let (_, buckets) = connect(&args.nats).await?;
     let nats::Listing {
         routes,
         unreadable,
