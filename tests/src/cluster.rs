@@ -179,6 +179,15 @@ impl Cluster {
             .unwrap_or_else(|| self.fail("status subscription ended"))
     }
 
+    /// Submits `spec` and waits for its final status, watching from before it is
+    /// published.
+    pub async fn run(&self, spec: &JobSpec) -> JobStatus {
+        let mut watch = self.watch(&spec.id).await;
+        self.submit(spec).await;
+        self.until_final(&mut watch, format!("the final status of {}", spec.id))
+            .await
+    }
+
     /// Makes a capture in the scratch directory.
     pub fn capture(&self, name: &str, options: &SynthOptions) -> PathBuf {
         let path = self.scratch.path().join(format!("{name}.cap"));

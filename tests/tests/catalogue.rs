@@ -13,20 +13,10 @@ use framehost::catalogue::nats::ReplicaStatus;
 use framehost::intake::{JobState, JobStatus};
 use framehost::job::FailureKind;
 use framehost_tests::catalogue::{serving, variant};
-use framehost_tests::{Cluster, JobWatch, artifacts, captures, within};
+use framehost_tests::{Cluster, artifacts, captures, within};
 
 /// Bound on a job's run, from submission to its final status.
 const JOB: Duration = Duration::from_secs(150);
-
-async fn final_status(c: &Cluster, watch: &mut JobWatch, id: &str) -> JobStatus {
-    c.within(
-        JOB,
-        format!("the final status of {id}"),
-        watch.until_final(),
-    )
-    .await
-    .unwrap_or_else(|| c.fail(format!("status subscription of {id} ended")))
-}
 
 /// The digest a finished job ran on; fails the test unless it finished with every frame.
 fn finished_on(c: &Cluster, status: &JobStatus, frames: u64) -> String {
@@ -79,7 +69,9 @@ async fn a_push_under_load_swaps_new_jobs_and_lets_running_ones_finish() {
     }
 
     for (id, watch) in &mut early {
-        let status = final_status(&c, watch, id).await;
+        let status = c
+            .until_final(watch, format!("the final status of {id}"))
+            .await;
         let digest = finished_on(&c, &status, 60);
         c.check(
             digest == v1,
@@ -87,7 +79,9 @@ async fn a_push_under_load_swaps_new_jobs_and_lets_running_ones_finish() {
         );
     }
     for (id, watch) in &mut late {
-        let status = final_status(&c, watch, id).await;
+        let status = c
+            .until_final(watch, format!("the final status of {id}"))
+            .await;
         let digest = finished_on(&c, &status, 60);
         c.check(
             digest == v2,
@@ -165,9 +159,7 @@ async fn bad_versions_are_refused_and_the_previous_one_keeps_serving() {
         );
 
         let spec = c.job(&format!("after-{name}"), "track", &capture, false);
-        let mut watch = c.watch(&spec.id).await;
-        c.submit(&spec).await;
-        let status = final_status(&c, &mut watch, &spec.id).await;
+        let status = c.run(&spec).await;
         let ran_on = finished_on(&c, &status, 10);
         c.check(
             ran_on == v1,
@@ -312,7 +304,9 @@ async fn one_push_reaches_every_replica_and_rollback_undoes_it() {
     }
     let mut hosts = Vec::new();
     for (id, watch) in &mut watches {
-        let status = final_status(&c, watch, id).await;
+        let status = c
+            .until_final(watch, format!("the final status of {id}"))
+            .await;
         let digest = finished_on(&c, &status, 30);
         c.check(
             digest == v2,
@@ -416,9 +410,7 @@ async fn a_restarted_host_loads_compiled_plugins_without_compiling() {
     );
     let capture = c.capture("small", &captures::options(10, 4, 2, 10.0));
     let spec = c.job("after-restart", "track", &capture, false);
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    let status = final_status(&c, &mut watch, &spec.id).await;
+    let status = c.run(&spec).await;
     finished_on(&c, &status, 10);
 }
 
@@ -437,12 +429,7 @@ async fn the_watched_directory_adds_replaces_refuses_and_removes() {
     let run = |id: &'static str| {
         let c = &c;
         let capture = capture.clone();
-        async move {
-            let spec = c.job(id, "track", &capture, false);
-            let mut watch = c.watch(&spec.id).await;
-            c.submit(&spec).await;
-            final_status(c, &mut watch, id).await
-        }
+        async move { c.run(&c.job(id, "track", &capture, false)).await }
     };
 
     std::fs::copy(artifacts::tracker(), dir.join("track.wasm")).unwrap();

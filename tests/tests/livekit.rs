@@ -61,12 +61,6 @@ async fn submit_and_join(c: &Cluster, double: &LiveKitDouble, spec: &JobSpec) ->
     watch
 }
 
-async fn final_status(c: &Cluster, watch: &mut JobWatch) -> JobStatus {
-    c.within(JOB, "the job's final status", watch.until_final())
-        .await
-        .unwrap_or_else(|| c.fail("status subscription ended"))
-}
-
 fn report(c: &Cluster, status: &JobStatus) -> JobReport {
     status
         .report
@@ -90,7 +84,7 @@ async fn room_job_runs_until_the_publisher_leaves() {
     let mut watch = submit_and_join(&c, &double, &spec).await;
     let sent = generator.run(&double.publisher("cam-1", SOURCE)).await;
 
-    let last = final_status(&c, &mut watch).await;
+    let last = c.until_final(&mut watch, "the job's final status").await;
     c.check(
         last.state == JobState::Finished,
         format!("expected Finished, got {last:?}"),
@@ -178,7 +172,7 @@ async fn a_dropped_signal_connection_is_resumed_without_losing_the_job() {
     double.drop_signal("cam-2");
     let sent = running.finish().await;
 
-    let last = final_status(&c, &mut watch).await;
+    let last = c.until_final(&mut watch, "the job's final status").await;
     let r = report(&c, &last);
     let lk = r.livekit.clone().unwrap_or_default();
     c.check(
@@ -221,7 +215,7 @@ async fn a_silent_server_is_detected_by_ping_timeout_and_resumed() {
     double.stop_pongs("cam-3", false);
     let sent = running.finish().await;
 
-    let last = final_status(&c, &mut watch).await;
+    let last = c.until_final(&mut watch, "the job's final status").await;
     let r = report(&c, &last);
     c.check(
         last.state == JobState::Finished && r.frames_processed == sent.frames,
@@ -264,7 +258,7 @@ async fn a_chunk_gap_and_a_missing_trailer_are_counted_and_the_job_goes_on() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     publisher.leave();
 
-    let last = final_status(&c, &mut watch).await;
+    let last = c.until_final(&mut watch, "the job's final status").await;
     let r = report(&c, &last);
     c.check(
         last.state == JobState::Finished && sent.withheld > 0,
@@ -333,7 +327,7 @@ async fn ten_rooms_at_once_on_one_host() {
         assert_eq!(sent.frames, 20);
     }
     for (i, watch) in watches.iter_mut().enumerate() {
-        let last = final_status(&c, watch).await;
+        let last = c.until_final(watch, "the job's final status").await;
         let r = report(&c, &last);
         c.check(
             last.state == JobState::Finished
@@ -361,7 +355,7 @@ async fn a_refused_token_fails_the_job_with_that_reason() {
     let minted = c.room_job("room-refused", "track", "cam-5", SOURCE);
     let mut watch = c.watch(&minted.id).await;
     c.submit(&minted).await;
-    let last = final_status(&c, &mut watch).await;
+    let last = c.until_final(&mut watch, "the job's final status").await;
     c.check(
         last.state == JobState::Failed
             && last.reason.as_deref() == Some("livekit_token_refused")
@@ -390,9 +384,7 @@ async fn a_refused_token_fails_the_job_with_that_reason() {
     if let SourceSpec::LiveKit(room) = &mut own.source {
         room.token = Some(Secret::new(forged.clone()));
     }
-    let mut watch = c.watch(&own.id).await;
-    c.submit(&own).await;
-    let last = final_status(&c, &mut watch).await;
+    let last = c.run(&own).await;
     c.check(
         last.state == JobState::Failed
             && last.reason.as_deref() == Some("livekit_token_refused")
@@ -437,7 +429,7 @@ async fn the_room_closing_ends_the_job() {
         DisconnectReason::RoomDeleted,
     );
 
-    let last = final_status(&c, &mut watch).await;
+    let last = c.until_final(&mut watch, "the job's final status").await;
     let r = report(&c, &last);
     c.check(
         last.state == JobState::Finished
@@ -480,12 +472,16 @@ async fn idle_rooms_time_out_and_stop_requests_end_room_jobs() {
         .await
         .unwrap_or_else(|e| c.fail(format!("stop request: {e}")));
 
-    let last = final_status(&c, &mut stop_watch).await;
+    let last = c
+        .until_final(&mut stop_watch, "the job's final status")
+        .await;
     c.check(
         last.state == JobState::Stopped && report(&c, &last).ended_by == "stopped",
         format!("expected Stopped, got {last:?}"),
     );
-    let last = final_status(&c, &mut idle_watch).await;
+    let last = c
+        .until_final(&mut idle_watch, "the job's final status")
+        .await;
     c.check(
         last.state == JobState::Finished && report(&c, &last).ended_by == "idle_timeout",
         format!("expected Finished by idle_timeout, got {last:?}"),
@@ -516,9 +512,7 @@ async fn an_unreachable_server_fails_the_job_as_transient() {
     c.start_host("host-a").await;
 
     let spec = c.room_job("room-unreachable", "track", "cam-9", SOURCE);
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    let last = final_status(&c, &mut watch).await;
+    let last = c.run(&spec).await;
     c.check(
         last.state == JobState::Failed
             && last.reason.as_deref() == Some("livekit_unreachable")
@@ -550,7 +544,7 @@ async fn a_refused_resume_falls_back_to_a_full_rejoin() {
     double.close_signal("cam-10");
     let sent = running.finish().await;
 
-    let last = final_status(&c, &mut watch).await;
+    let last = c.until_final(&mut watch, "the job's final status").await;
     let r = report(&c, &last);
     let lk = r.livekit.clone().unwrap_or_default();
     let joins = double
@@ -592,7 +586,7 @@ async fn the_publisher_leaving_mid_stream_ends_the_job_cleanly() {
     let mut watch = submit_and_join(&c, &double, &spec).await;
     generator.run(&double.publisher("cam-11", SOURCE)).await;
 
-    let last = final_status(&c, &mut watch).await;
+    let last = c.until_final(&mut watch, "the job's final status").await;
     let r = report(&c, &last);
     let rejected: u64 = r.frames_rejected.values().sum();
     c.check(
@@ -679,9 +673,7 @@ async fn a_token_for_another_room_fails_the_job() {
     if let SourceSpec::LiveKit(room) = &mut spec.source {
         room.token = Some(Secret::new(double.subscriber_token("elsewhere", "viewer")));
     }
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    let last = final_status(&c, &mut watch).await;
+    let last = c.run(&spec).await;
     c.check(
         last.state == JobState::Failed
             && last.reason.as_deref() == Some("bad_job")
@@ -716,7 +708,7 @@ async fn a_job_ends_at_its_maximum_duration() {
     let mut watch = submit_and_join(&c, &double, &spec).await;
     let running = generator.spawn(double.publisher("cam-14", SOURCE));
 
-    let last = final_status(&c, &mut watch).await;
+    let last = c.until_final(&mut watch, "the job's final status").await;
     running.stop();
     let sent = running.finish().await;
     let r = report(&c, &last);
