@@ -704,6 +704,42 @@ def check_dockerfile(report: Report, hadolint: str | None, root: Path = ROOT) ->
                         "reads")
 
 
+def check_context(report: Report, ignore_text: str | None = None) -> None:
+    """Copies what the build context would hold (the tracked files .dockerignore keeps) and
+    has cargo load the workspace there with --locked, as the builder will."""
+    if ignore_text is None:
+        ignore_text = (ROOT / ".dockerignore").read_text()
+    patterns = [line.strip() for line in ignore_text.splitlines()
+                if line.strip() and not line.strip().startswith("#")]
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if listed.returncode != 0:
+        report.notes.append("dockerfile: not a git checkout; build context not rehearsed")
+        return
+    files = [f for f in listed.stdout.decode().split("\0") if f]
+    with tempfile.TemporaryDirectory() as tmp:
+        kept = 0
+        for name in files:
+            if dockerignored(name, patterns) or not (ROOT / name).is_file():
+                continue
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, Path(tmp) / name)
+            kept += 1
+        result = subprocess.run(
+            ["cargo", "metadata", "--locked", "--offline", "--format-version", "1"],
+            cwd=tmp, capture_output=True, text=True)
+        if result.returncode != 0:
+            report.fail("dockerfile", "cargo cannot load the workspace from the build "
+                        f"context ({kept} files):\n{result.stderr.strip()[-1500:]}")
+            return
+        members = {p["name"] for p in json.loads(result.stdout)["packages"]
+                   if p["source"] is None}
+        if "framehost" not in members:
+            report.fail("dockerfile", "the build context has no framehost package")
+        missing = [n for n in needed_sources(Path(tmp)) if not (Path(tmp) / n).exists()]
+        if missing:
+            report.fail("dockerfile", f"the build context lacks {missing}")
+
+
 # ---------------------------------------------------------------------------------------
 # Lag on a real nats-server
 
@@ -966,6 +1002,15 @@ def dockerfile_mistakes(hadolint: str | None) -> list[str]:
         (".dockerignore leaving out wit/", dockerfile, dockerignore + "wit/\n"),
         (".dockerignore keeping target/", dockerfile, dockerignore.replace("target/\n", "")),
     ]
+    # A context without a workspace member: only cargo itself notices.
+    report = Report()
+    check_context(report, dockerignore + "plugins/tracker/\n")
+    if not report.failures:
+        problems.append("a context without plugins/tracker was not caught")
+    else:
+        first = " ".join(report.failures[0].split())
+        print(f"  caught  {'.dockerignore leaving out a workspace member':55} {first[:80]}")
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shutil.copy(ROOT / "Cargo.toml", root)
@@ -1036,6 +1081,8 @@ def main() -> int:
 
     report = Report()
     check_dockerfile(report, args.hadolint)
+    if not report.failures:
+        check_context(report)
     if report.failures:
         failed = True
         print("FAIL deploy/Dockerfile:")
@@ -1044,7 +1091,10 @@ def main() -> int:
     else:
         linted = "hadolint clean, " if args.hadolint else ""
         print(f"ok   deploy/Dockerfile: {linted}builds -p framehost --release --locked, "
-              "non-root USER, context keeps what the build reads")
+              "non-root USER; cargo loads the workspace --locked from the context "
+              ".dockerignore leaves")
+    for note in report.notes:
+        print(f"     note: {note}")
 
     if args.self_test:
         overlay = next((k for k in kustomizations if k.parent.name == "overlays"), None)
