@@ -311,8 +311,9 @@ def config_check(objects: list[dict]) -> Effective:
     for line in result.stdout.splitlines():
         if "memory budget" in line.lower():
             sizes = re.findall(r"(\d+(?:\.\d+)?)\s*(GiB|MiB|KiB|bytes|B)\b", line)
+            # The line may also show the parts of the sum: the total is the largest.
             if sizes:
-                budget = parse_size(*sizes[-1])
+                budget = max(parse_size(*size) for size in sizes)
     return Effective(effective, cache.group(1).strip() if cache else None, budget,
                      result.stdout)
 
@@ -337,6 +338,8 @@ def check_probes(objects: list[dict], effective: Effective, report: Report) -> N
     deployment = one(objects, "Deployment")
     container = framehost_container(deployment)
     port = metrics_port(effective)
+    if effective.config.get("metrics", {}).get("enabled") is False:
+        raise Failure("metrics.enabled is false: nothing answers the probes")
     if port is None:
         report.notes.append("probes: this framehost has no [metrics] listen option yet; "
                             "probe ports not compared with it")
