@@ -22,6 +22,7 @@ check catches the mistake it is there for.
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import fnmatch
 import functools
@@ -296,6 +297,24 @@ def config_check(objects: list[dict]) -> Effective:
     for var in container.get("env", []):
         env[var["name"]] = var.get("value", SECRET_PLACEHOLDER)
     with tempfile.TemporaryDirectory() as tmp:
+        # Files the configuration names under a Secret's mount are made here, from the
+        # rendered Secret (or placeholders when none is rendered), and the paths moved.
+        for n, (mount_path, data) in enumerate(secret_mounts(objects, pod, container)):
+            local = Path(tmp) / f"secret-{n}"
+            local.mkdir(mode=0o700)
+            named = "\n".join(toml_strings(text) + list(env.values()))
+            wanted = set(re.findall(re.escape(mount_path) + r"/([\w.-]+)", named))
+            if data is not None:
+                missing = sorted(wanted - data.keys())
+                if missing:
+                    raise Failure(f"the configuration reads {mount_path}/{missing[0]}, but "
+                                  f"the Secret mounted there has no key {missing[0]!r}")
+            for key in wanted:
+                file = local / key
+                file.write_bytes(data[key] if data is not None else SECRET_PLACEHOLDER.encode())
+                file.chmod(0o400)
+            text = text.replace(mount_path + "/", f"{local}/")
+            env = {k: v.replace(mount_path + "/", f"{local}/") for k, v in env.items()}
         path = Path(tmp) / "framehost.toml"
         path.write_text(text)
         env["FRAMEHOST_CONFIG"] = str(path)
@@ -316,6 +335,44 @@ def config_check(objects: list[dict]) -> Effective:
                 budget = max(parse_size(*size) for size in sizes)
     return Effective(effective, cache.group(1).strip() if cache else None, budget,
                      result.stdout)
+
+
+def toml_strings(text: str) -> list[str]:
+    """Every string value in a TOML document (none if it does not parse)."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return []
+    found, stack = [], [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack += value.values()
+        elif isinstance(value, list):
+            stack += value
+        elif isinstance(value, str):
+            found.append(value)
+    return found
+
+
+def secret_mounts(objects: list[dict], pod: dict, container: dict):
+    """(mount path, the Secret's files by key, or None when the Secret is not rendered)
+    for each Secret volume the container mounts."""
+    secrets = {o["metadata"]["name"]: o for o in objects if o.get("kind") == "Secret"}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes.get(mount["name"], {})
+        if "secret" not in volume:
+            continue
+        secret = secrets.get(volume["secret"]["secretName"])
+        data = None
+        if secret is not None:
+            data = {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
+            data |= {k: v.encode() for k, v in secret.get("stringData", {}).items()}
+            items = volume["secret"].get("items")
+            if items:
+                data = {i["path"]: data[i["key"]] for i in items if i["key"] in data}
+        yield mount["mountPath"].rstrip("/"), data
 
 
 def container_port(container: dict, port) -> int | None:
