@@ -942,6 +942,8 @@ MISTAKES = [
      lambda o: set_toml(o, "catalogue.defaults", "memory_mib", "4096")),
     ("FRAMEHOST_CONFIG not where the ConfigMap is mounted", "config",
      lambda o: container_of(o)["env"][0].update(value="/etc/framehost/config.toml")),
+    ("configuration naming a file the Secret does not have", "config",
+     lambda o: set_toml(o, "livekit", "api_key", '"/etc/framehost/secrets/livekit-secret"')),
     ("readiness probe on another path", "probes",
      lambda o: container_of(o)["readinessProbe"]["httpGet"].update(path="/ready")),
     ("liveness probe on a port that is not the container's", "probes",
@@ -1003,6 +1005,23 @@ def self_test(overlay: Path, hadolint: str | None, nats: bool) -> list[str]:
         else:
             first = hits[0].split(": ", 1)[1].splitlines()[0]
             print(f"  caught  {name:55} {check}: {first[:70]}")
+
+    # An environment override that renames the consumer, where this framehost has them.
+    broken = copy.deepcopy(objects)
+    container_of(broken)["env"].append({"name": "FRAMEHOST_NATS__CONSUMER",
+                                        "value": "framehost-other"})
+    try:
+        overridden = config_check(broken).config["nats"]["consumer"] == "framehost-other"
+    except Failure:
+        overridden = True
+    if overridden:
+        report, _ = validate_objects(broken)
+        if not any(f.startswith(("autoscaling:", "config:")) for f in report.failures):
+            problems.append("FRAMEHOST_NATS__CONSUMER renaming the consumer was not caught")
+        else:
+            print(f"  caught  {'consumer renamed by FRAMEHOST_NATS__CONSUMER':55} autoscaling")
+    else:
+        print("  note    this framehost ignores FRAMEHOST_<SECTION>__<KEY>; override not tried")
 
     if effective is not None and metrics_port(effective) is not None:
         broken = copy.deepcopy(objects)
