@@ -361,11 +361,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn config_check(path: &Path) -> anyhow::Result<ExitCode> {
-    let mut config = Config::load(path)?;
-    if let Some(secret) = &mut config.livekit.api_secret {
-        *secret = Secret::new("<redacted>");
-    }
-    let text = toml::to_string(&config).context("cannot print the configuration")?;
+    let config = Config::load(path)?;
+    let text = toml::to_string(&config.redacted()).context("cannot print the configuration")?;
     println!(
         "# {} is valid; the effective configuration:\n",
         path.display()
@@ -374,6 +371,18 @@ fn config_check(path: &Path) -> anyhow::Result<ExitCode> {
     match config.catalogue.cache_dir() {
         Some(dir) => println!("\n# compiled plugins are cached in {}", dir.display()),
         None => println!("\n# compiled plugins are not cached"),
+    }
+    let budget = config.memory_budget();
+    let mib = |bytes: u64| bytes.div_ceil(1 << 20);
+    println!(
+        "# memory budget (worst case resident): {} MiB = {} MiB base + {} jobs x {} MiB",
+        mib(budget.total()),
+        mib(budget.base),
+        budget.jobs,
+        mib(budget.per_job_total())
+    );
+    for (what, bytes) in &budget.per_job {
+        println!("#   per job: {:>6} MiB  {what}", mib(*bytes));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -437,10 +446,7 @@ async fn watch_signals(shutdown: CancellationToken) {
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    let config = Config::load_or_env(args.config.as_deref())?;
     let job_config: serde_json::Value =
         serde_json::from_str(&args.job_config).context("--job-config is not valid JSON")?;
     match std::fs::metadata(&args.capture) {
@@ -721,10 +727,7 @@ fn capture_info(path: &Path) -> anyhow::Result<ExitCode> {
 }
 
 fn nats_config(args: &NatsArgs) -> anyhow::Result<crate::config::NatsConfig> {
-    let mut nats = match &args.config {
-        Some(path) => Config::load(path)?.nats,
-        None => Default::default(),
-    };
+    let mut nats = Config::load_or_env(args.config.as_deref())?.nats;
     if let Some(url) = &args.nats {
         nats.url = url.clone();
     }
@@ -837,10 +840,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn capture_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    let mut config = Config::load_or_env(args.config.as_deref())?;
     config.livekit.apply_env();
     let source = args.room.source().context("--room is required")?;
     let job_id = format!("record-{}", std::process::id());

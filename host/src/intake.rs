@@ -99,7 +99,7 @@ pub async fn connect(
     config: &NatsConfig,
     first: FirstConnect,
 ) -> anyhow::Result<async_nats::Client> {
-    let mut options = async_nats::ConnectOptions::new();
+    let mut options = auth_options(config).await?;
     if first == FirstConnect::Retry {
         tracing::info!(url = %config.url, "Connecting to NATS (retrying until it answers)");
         options = options.retry_on_initial_connect();
@@ -122,6 +122,38 @@ pub async fn connect(
         .connect(config.url.as_str())
         .await
         .with_context(|| format!("cannot connect to NATS at {}", config.url))
+}
+
+/// The client options for the configured credentials and TLS. Secrets go to the client
+/// and nowhere else.
+async fn auth_options(config: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions> {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(path) = &config.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("cannot read nats.credentials_file {}", path.display()))?;
+    }
+    if let Some(seed) = config.nkey_seed()? {
+        options = options.nkey(seed.expose().to_owned());
+    }
+    if let (Some(user), Some(password)) = (&config.user, config.password()?) {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    }
+    if let Some(token) = config.token()? {
+        options = options.token(token.expose().to_owned());
+    }
+    let tls = &config.tls;
+    if tls.required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &tls.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
 }
 
 /// Creates the jobs stream, the dead-letter stream and the shared consumer if missing.

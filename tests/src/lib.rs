@@ -21,8 +21,10 @@ mod host_process;
 mod jobs;
 pub mod livekit;
 mod nats_server;
+mod secure_nats;
 
 pub use cluster::{Cluster, JOB_WAIT, within};
 pub use host_process::HostProcess;
 pub use jobs::{JobResult, JobWatch};
 pub use nats_server::NatsServer;
+pub use secure_nats::SecureNats;
