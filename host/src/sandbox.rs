@@ -29,6 +29,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::decode;
+use crate::metrics::GaugeShare;
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -399,6 +400,12 @@ impl Plugin {
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }));
 
+        // A trial instance (no job type) is not a running job's memory.
+        let memory_gauge = if job.job_type.is_empty() {
+            Default::default()
+        } else {
+            crate::metrics::metrics().plugin_memory(&job.job_type)
+        };
         let state = PluginState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -406,6 +413,7 @@ impl Plugin {
             output,
             memory_limit,
             memory_peak: 0,
+            memory: GaugeShare::new(memory_gauge),
             memory_refused: None,
             call_started: Instant::now(),
             call_deadline: limits.call_deadline,
@@ -589,6 +597,9 @@ struct PluginState {
     output: Arc<Mutex<OutputState>>,
     memory_limit: u64,
     memory_peak: u64,
+    /// This instance's part of `framehost_plugin_memory_bytes`, given back when the store
+    /// is dropped.
+    memory: GaugeShare,
     /// Set when a growth past the limit was refused: the size asked for.
     memory_refused: Option<u64>,
     call_started: Instant,
@@ -635,6 +646,7 @@ impl ResourceLimiter for PluginState {
             )));
         }
         self.memory_peak = self.memory_peak.max(desired);
+        self.memory.set(desired);
         Ok(true)
     }
 
