@@ -413,6 +413,7 @@ impl Plugin {
             output,
             memory_limit,
             memory_peak: 0,
+            memory_bytes: 0,
             memory: GaugeShare::new(memory_gauge),
             memory_refused: None,
             call_started: Instant::now(),
@@ -597,6 +598,8 @@ struct PluginState {
     output: Arc<Mutex<OutputState>>,
     memory_limit: u64,
     memory_peak: u64,
+    /// Linear memory of all the instance's memories.
+    memory_bytes: u64,
     /// This instance's part of `framehost_plugin_memory_bytes`, given back when the store
     /// is dropped.
     memory: GaugeShare,
@@ -631,7 +634,7 @@ impl WasiView for PluginState {
 impl ResourceLimiter for PluginState {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -646,7 +649,11 @@ impl ResourceLimiter for PluginState {
             )));
         }
         self.memory_peak = self.memory_peak.max(desired);
-        self.memory.set(desired);
+        // Called for every memory of the instance: for a new one with `current` 0. A
+        // component may have several (its adapters' among them), so the instance's memory
+        // is the sum of their growths.
+        self.memory_bytes += desired.saturating_sub(current as u64);
+        self.memory.set(self.memory_bytes);
         Ok(true)
     }
 
