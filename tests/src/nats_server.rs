@@ -171,7 +171,8 @@ fn find_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// A port nothing listens on now: bound on port 0, then released for the server.
-fn free_port() -> anyhow::Result<u16> {
+/// A port on 127.0.0.1 that nothing listens on now.
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     loop {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .context("cannot bind a local port to pick a free one")?;
