@@ -199,14 +199,9 @@ impl Metrics {
         }
         if let Some(catalogue) = catalogue {
             self.plugin_versions.clear();
-            for (job_type, route) in catalogue.status().routes {
-                if let Some(serving) = route.serving {
-                    let labels = Version {
-                        job_type,
-                        digest: serving.digest,
-                    };
-                    self.plugin_versions.get_or_create(&labels).set(1);
-                }
+            for (job_type, digest) in catalogue.serving() {
+                let labels = Version { job_type, digest };
+                self.plugin_versions.get_or_create(&labels).set(1);
             }
         }
         let mut text = String::new();
