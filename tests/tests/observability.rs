@@ -270,6 +270,51 @@ async fn readyz_reports_draining_after_sigterm_while_a_job_finishes() {
     c.check(exit.success(), format!("host-a should exit 0, got {exit}"));
 }
 
+/// GETs `/readyz` on host `index` until it answers `status`, for at most 20 s, and
+/// returns the last body.
+async fn readyz_until(c: &mut Cluster, index: usize, status: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (got, body) = get(c, index, "/readyz").await;
+        if got == status {
+            return body;
+        }
+        if Instant::now() > deadline {
+            c.fail(format!(
+                "/readyz answered {got} ({body}), not {status}, for 20 s"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// While the NATS server is down the host is alive but not ready, and says why; once the
+/// server is back the host is ready again, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_nats_connection() {
+    let mut c = Cluster::start().await;
+    c.serve_job_type("track", artifacts::tracker());
+    let a = c.start_host("host-a").await;
+    readyz_until(&mut c, a, 200).await;
+
+    c.nats.kill();
+    let body = readyz_until(&mut c, a, 503).await;
+    c.check(
+        body.contains("NATS is not connected"),
+        format!("/readyz without NATS said {body:?}"),
+    );
+    let (status, _) = get(&mut c, a, "/healthz").await;
+    c.check(
+        status == 200,
+        format!("/healthz without NATS answered {status}"),
+    );
+
+    if let Err(error) = c.nats.restart().await {
+        c.fail(format!("cannot restart nats-server: {error:#}"));
+    }
+    readyz_until(&mut c, a, 200).await;
+}
+
 /// With `FRAMEHOST_LOG_JSON=1`, every line is JSON, and the lines logged inside a job —
 /// the intake's, and the plugin's own through the sandbox — carry the job's id and type in
 /// their span fields.
