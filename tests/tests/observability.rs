@@ -30,9 +30,9 @@ async fn get(c: &mut Cluster, index: usize, path: &str) -> (u16, String) {
 }
 
 /// Two hosts, each with its own metrics port. A tracker job counts on the host that ran it
-/// (finished, frames, plugin calls) and nowhere else, and the version gauge names the digest
-/// it ran on; failed jobs count under their reason, and buffers and plugin memory go back
-/// to zero when jobs end.
+/// (finished, frames, plugin calls) and nowhere else, and the version gauge names the
+/// digest it ran on; failed jobs and refused frames count under their reason; buffers and
+/// plugin memory go back to zero when jobs end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_jobs_frames_and_failures_by_reason() {
     let mut c = Cluster::start().await;
@@ -181,6 +181,18 @@ async fn metrics_count_jobs_frames_and_failures_by_reason() {
         last.reason.as_deref() == Some("plugin_panic"),
         format!("expected plugin_panic, got {last:?}"),
     );
+    // A plugin that refuses frames: the job goes on, each refusal counted by reason.
+    let mut refuses = c.job("refuses", "misbehave", &capture, false);
+    refuses.config = serde_json::json!({"mode": "error", "after": 25});
+    let last = c.run(&refuses).await;
+    c.check(
+        last.state == JobState::Finished
+            && last
+                .report
+                .as_ref()
+                .is_some_and(|r| r.frames_rejected.get("plugin_error") == Some(&5)),
+        format!("expected the job to finish with 5 frames refused, got {last:?}"),
+    );
     let unknown = c.job("unknown", "no-such-type", &capture, false);
     let last = c.run(&unknown).await;
     c.check(
@@ -199,12 +211,18 @@ async fn metrics_count_jobs_frames_and_failures_by_reason() {
             && failed("no-such-type", "unknown_job_type") == 0.0,
         format!("failures by reason are wrong:\nhost-a {ma:#?}\nhost-b {mb:#?}"),
     );
-    let rejected = [("job_type", "misbehave"), ("reason", "plugin_panic")];
+    let rejected = |reason: &str| {
+        let labels = [("job_type", "misbehave"), ("reason", reason)];
+        ma.sum("framehost_frames_rejected_total", &labels)
+            + mb.sum("framehost_frames_rejected_total", &labels)
+    };
     c.check(
-        ma.sum("framehost_frames_rejected_total", &rejected)
-            + mb.sum("framehost_frames_rejected_total", &rejected)
-            == 1.0,
-        "the frame the plugin panicked on is not counted as rejected",
+        rejected("plugin_panic") == 1.0 && rejected("plugin_error") == 5.0,
+        format!(
+            "expected 1 frame rejected as plugin_panic and 5 as plugin_error, got {} and {}",
+            rejected("plugin_panic"),
+            rejected("plugin_error")
+        ),
     );
 }
 
