@@ -34,27 +34,6 @@ pub struct Config {
     pub metrics: MetricsConfig,
 }
 
-/// The operations endpoint of `serve`: Prometheus metrics on `/metrics`, liveness on
-/// `/healthz`, readiness on `/readyz`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// Serve the endpoint at all. Default true.
-    pub enabled: bool,
-    /// Socket address to listen on; `serve` fails at start if it cannot be bound.
-    /// Default `0.0.0.0:9180`.
-    pub listen: SocketAddr,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            listen: SocketAddr::from(([0, 0, 0, 0], 9180)),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
@@ -634,6 +613,27 @@ impl CatalogueConfig {
                     .map(|home| PathBuf::from(home).join(".cache"))
             })?;
         Some(base.join("framehost").join("compiled"))
+    }
+}
+
+/// The operations endpoint of `serve`: Prometheus metrics on `/metrics`, liveness on
+/// `/healthz`, readiness on `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve the endpoint at all. Default true.
+    pub enabled: bool,
+    /// Socket address to listen on; `serve` fails at start if it cannot be bound.
+    /// Default `0.0.0.0:9180`.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 9180)),
+        }
     }
 }
 
