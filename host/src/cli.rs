@@ -19,6 +19,7 @@ use crate::config::{Config, Limits};
 use crate::intake::{self, JobState};
 use crate::job::{self, JobEvent, JobReport, JobSettings, JobSpec};
 use crate::livekit::{self, LiveKitSource, LiveKitStats, PacketQueue, Secret, SessionEnd};
+use crate::ops::{self, Readiness};
 use crate::sandbox::Sandbox;
 use crate::source::SourceSpec;
 use crate::telemetry::{self, JobCounters};
@@ -40,8 +41,14 @@ mod plugin;
     after_help = "Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=framehost=debug) for more."
 )]
 struct Cli {
-    /// Log as JSON lines (for log collectors) instead of text.
-    #[arg(long, global = true)]
+    /// Log as JSON lines (for log collectors) instead of text. A job's lines carry its
+    /// `job_id` and `job_type` in their `span` fields.
+    #[arg(
+        long,
+        global = true,
+        env = "FRAMEHOST_LOG_JSON",
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
     log_json: bool,
     #[command(subcommand)]
     command: Command,
@@ -399,6 +406,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.config.display()
         );
     }
+    // Bound before anything slow, so that a taken port fails the start at once.
+    let endpoint = match config.metrics.enabled {
+        true => Some(ops::bind(config.metrics.listen).await?),
+        false => None,
+    };
     let sandbox = Sandbox::new(config.sandbox_config())?;
     let catalogue = Catalogue::new(sandbox, &config);
     let lk = &config.livekit;
@@ -415,8 +427,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
+    // Draining from the first signal; the endpoint answers until the process exits.
+    let readiness = Readiness::new(shutdown.clone());
+    if let Some(listener) = endpoint {
+        tracing::info!(address = %config.metrics.listen, "Serving /metrics, /healthz and /readyz");
+        tokio::spawn(ops::serve(listener, readiness.clone(), catalogue.clone()));
+    }
     let files = DirSource::new(catalogue.clone(), &config).spawn(shutdown.child_token());
-    intake::serve(Arc::new(config), catalogue, shutdown).await?;
+    intake::serve(Arc::new(config), catalogue, shutdown, readiness).await?;
     files.abort();
     tracing::info!("Stopped");
     Ok(ExitCode::SUCCESS)
@@ -536,7 +554,10 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    let outcome = job::run(&spec, &plugin, &settings, events_tx, stop).await;
+    let span = tracing::info_span!("job", job_id = %spec.id, job_type = %spec.job_type);
+    let outcome =
+        tracing::Instrument::instrument(job::run(&spec, &plugin, &settings, events_tx, stop), span)
+            .await;
     consumer.await.ok();
     if let Some(bar) = bar {
         bar.finish_and_clear();
