@@ -52,16 +52,21 @@ impl HostProcess {
 
         let log = std::fs::File::create(dir.path().join("host.log"))
             .context("cannot create the host's log")?;
-        let child = Command::new(artifacts::framehost_bin())
+        let mut command = Command::new(artifacts::framehost_bin());
+        // The host's settings are the test's alone: none of the overrides (FRAMEHOST_NATS_URL,
+        // FRAMEHOST_<SECTION>__<KEY>, ...) of whoever runs the tests.
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("FRAMEHOST_") {
+                command.env_remove(var);
+            }
+        }
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(&config_path)
             .env("HOSTNAME", name)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
-            .env_remove("FRAMEHOST_NATS_URL")
-            .env_remove("FRAMEHOST_CONFIG")
-            .env_remove("FRAMEHOST_LOG_JSON")
             .envs(env.iter().map(|(k, v)| (k, v)))
             // The host's LiveKit settings come from the test's config only.
             .env_remove("LIVEKIT_API_KEY")

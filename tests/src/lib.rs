@@ -30,4 +30,4 @@ pub use cluster::{Cluster, JOB_WAIT, within};
 pub use host_process::HostProcess;
 pub use jobs::{JobResult, JobWatch};
 pub use nats_server::NatsServer;
-pub use secure_nats::SecureNats;
+pub use secure_nats::{Auth, SecureNats};

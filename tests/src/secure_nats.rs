@@ -1,5 +1,5 @@
 //! A `nats-server` locked down as in production: TLS only, client certificates verified
-//! against a throwaway CA made for the test, and a token.
+//! against a throwaway CA made for the test, and a token, a password or an nkey.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -19,29 +19,57 @@ use crate::nats_server::{find_binary, free_port, tail};
 /// How long the server may take to serve JetStream over TLS.
 const READY_WITHIN: Duration = Duration::from_secs(20);
 
-/// The server, its CA, a client certificate it accepts, and its token, all in one
-/// temporary directory. Dropping it kills the server.
+/// How clients prove who they are, besides their certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    Token,
+    UserPassword,
+    Nkey,
+}
+
+/// The server, its CA, a client certificate it accepts, and the client's secret, all in
+/// one temporary directory. Dropping it kills the server.
 pub struct SecureNats {
     child: Child,
     port: u16,
     dir: TempDir,
-    token: String,
+    auth: Auth,
+    secret: String,
 }
 
 impl SecureNats {
-    pub async fn start() -> anyhow::Result<Self> {
+    pub async fn start(auth: Auth) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("framehost-secure-nats-")
             .tempdir()?;
         write_certificates(&dir)?;
-        let token = format!("token-{}", std::process::id());
-        std::fs::write(dir.path().join("token"), format!("{token}\n"))?;
+        let (secret, authorization) = match auth {
+            Auth::Token => {
+                let token = format!("token-{}", std::process::id());
+                let block = format!("{{ token: \"{token}\" }}");
+                (token, block)
+            }
+            Auth::UserPassword => {
+                let password = format!("password-{}", std::process::id());
+                let block = format!(
+                    "{{ users = [ {{ user: \"framehost\", password: \"{password}\" }} ] }}"
+                );
+                (password, block)
+            }
+            Auth::Nkey => {
+                let key = nkeys::KeyPair::new_user();
+                let block = format!("{{ users = [ {{ nkey: \"{}\" }} ] }}", key.public_key());
+                (key.seed()?, block)
+            }
+        };
+        // As a mounted Secret would hold it, with a final newline.
+        std::fs::write(dir.path().join("secret"), format!("{secret}\n"))?;
         let port = free_port()?;
         let path = |name: &str| dir.path().join(name).display().to_string();
         let conf = format!(
             "listen: 127.0.0.1:{port}\n\
              jetstream {{ store_dir: \"{store}\" }}\n\
-             authorization {{ token: \"{token}\" }}\n\
+             authorization {authorization}\n\
              tls {{\n  cert_file: \"{cert}\"\n  key_file: \"{key}\"\n  ca_file: \"{ca}\"\n  \
              verify: true\n  timeout: 5\n}}\n",
             store = path("jetstream"),
@@ -63,25 +91,34 @@ impl SecureNats {
             child,
             port,
             dir,
-            token,
+            auth,
+            secret,
         };
         server.wait_ready().await?;
         Ok(server)
     }
 
-    /// The token the server demands; tests check it never shows in output.
-    pub fn token(&self) -> &str {
-        &self.token
+    /// The client's token, password or nkey seed; tests check it never shows in output.
+    pub fn secret(&self) -> &str {
+        &self.secret
     }
 
     /// A `[nats]` section that reaches the server: `tls://` URL, CA, client certificate,
-    /// and the token from a file, as an operator would mount them.
+    /// and the secret from a file, as an operator would mount them.
     pub fn nats_config(&self) -> NatsConfig {
+        let secret = Some(self.file("secret"));
         let mut nats = NatsConfig {
             url: format!("tls://127.0.0.1:{}", self.port),
-            token_file: Some(self.file("token")),
             ..NatsConfig::default()
         };
+        match self.auth {
+            Auth::Token => nats.token_file = secret,
+            Auth::UserPassword => {
+                nats.user = Some("framehost".into());
+                nats.password_file = secret;
+            }
+            Auth::Nkey => nats.nkey_seed_file = secret,
+        }
         nats.tls.ca_file = Some(self.file("ca.pem"));
         nats.tls.cert_file = Some(self.file("client.pem"));
         nats.tls.key_file = Some(self.file("client-key.pem"));

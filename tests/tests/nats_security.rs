@@ -1,6 +1,6 @@
-//! NATS as production runs it: TLS only, client certificates, a token read from a file.
-//! The host serves jobs through it; a client missing a piece is refused with an error that
-//! says why, and the token shows nowhere.
+//! NATS as production runs it: TLS only, client certificates, and a token, a password or an
+//! nkey seed read from a file. The host serves jobs through it; a client missing a piece is
+//! refused with an error that says why, and the secret shows nowhere.
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use framehost::config::{Config, JobTypeConfig};
 use framehost::intake::{JobState, submit};
 use framehost::job::JobSpec;
 use framehost::source::SourceSpec;
-use framehost_tests::{HostProcess, SecureNats, artifacts, captures, within};
+use framehost_tests::{Auth, HostProcess, SecureNats, artifacts, captures, within};
 
 const JOB: Duration = Duration::from_secs(150);
 
@@ -27,7 +27,23 @@ fn host_config(nats: &SecureNats, scratch: &Path) -> Config {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_serves_jobs_over_tls_with_a_client_certificate_and_a_token() {
-    let nats = SecureNats::start().await.expect("the TLS server starts");
+    serves_a_job_through(Auth::Token).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_serves_jobs_over_tls_with_a_user_and_password() {
+    serves_a_job_through(Auth::UserPassword).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_serves_jobs_over_tls_with_an_nkey() {
+    serves_a_job_through(Auth::Nkey).await;
+}
+
+async fn serves_a_job_through(auth: Auth) {
+    let nats = SecureNats::start(auth)
+        .await
+        .expect("the TLS server starts");
     let scratch = tempfile::tempdir().unwrap();
     let config = host_config(&nats, scratch.path());
     let mut host = HostProcess::start("secure-host", &config).expect("the host starts");
@@ -59,14 +75,16 @@ async fn a_host_serves_jobs_over_tls_with_a_client_certificate_and_a_token() {
     assert_eq!(last.state, JobState::Finished, "{last:?}");
     assert_eq!(last.report.map(|r| r.frames_processed), Some(12));
     assert!(
-        !host.log().contains(nats.token()),
-        "the token is in the host's log"
+        !host.log().contains(nats.secret()),
+        "{auth:?}: the secret is in the host's log"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_missing_the_token_or_the_ca_is_refused_and_told_why() {
-    let nats = SecureNats::start().await.expect("the TLS server starts");
+    let nats = SecureNats::start(Auth::Token)
+        .await
+        .expect("the TLS server starts");
     let scratch = tempfile::tempdir().unwrap();
     let capture = scratch.path().join("c.cap");
     captures::make(&capture, &captures::options(2, 4, 1, 30.0));
@@ -112,7 +130,7 @@ async fn a_client_missing_the_token_or_the_ca_is_refused_and_told_why() {
         .await
         .expect("framehost runs");
         let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
-        assert!(!stderr.contains(nats.token()), "{what}: the token leaked");
+        assert!(!stderr.contains(nats.secret()), "{what}: the token leaked");
         if expected.is_empty() {
             assert!(out.status.success(), "{what}: {stderr}");
         } else {
