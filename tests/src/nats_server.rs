@@ -158,7 +158,7 @@ async fn jetstream_answers(url: &str) -> bool {
         .is_ok_and(|answer| answer.get("error").is_none() && answer.get("limits").is_some())
 }
 
-fn find_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn find_binary() -> anyhow::Result<PathBuf> {
     let on_path = std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
         .unwrap_or_default();
@@ -171,7 +171,7 @@ fn find_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// A port nothing listens on now: bound on port 0, then released for the server.
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     loop {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .context("cannot bind a local port to pick a free one")?;
