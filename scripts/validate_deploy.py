@@ -883,10 +883,13 @@ def nats_lag_check(objects: list[dict], effective: Effective, jobs: int = 3) -> 
 
 
 def tomllib_dump_nats(nats: dict) -> str:
-    """The [nats] section alone (tomllib cannot write; these values are strings and ints)."""
+    """The [nats] names that decide where jobs go (the throwaway server has no TLS or
+    authentication, so the rest stays out)."""
     lines = ["[nats]"]
-    for key, value in nats.items():
-        lines.append(f"{key} = {json.dumps(value)}")
+    for key in ("stream", "consumer", "subject_prefix", "dead_letter_stream",
+                "ack_wait_secs", "max_deliver"):
+        if key in nats:
+            lines.append(f"{key} = {json.dumps(nats[key])}")
     return "\n".join(lines) + "\n"
 
 
@@ -943,7 +946,8 @@ MISTAKES = [
     ("FRAMEHOST_CONFIG not where the ConfigMap is mounted", "config",
      lambda o: container_of(o)["env"][0].update(value="/etc/framehost/config.toml")),
     ("configuration naming a file the Secret does not have", "config",
-     lambda o: set_toml(o, "livekit", "api_key", '"/etc/framehost/secrets/livekit-secret"')),
+     lambda o: set_toml(o, "livekit", "api_secret_file",
+                        '"/etc/framehost/secrets/livekit-secret"')),
     ("readiness probe on another path", "probes",
      lambda o: container_of(o)["readinessProbe"]["httpGet"].update(path="/ready")),
     ("liveness probe on a port that is not the container's", "probes",
@@ -982,8 +986,8 @@ MISTAKES = [
      lambda o: find(o, "ScaledObject")["spec"]["advanced"]["horizontalPodAutoscalerConfig"]
      ["behavior"]["scaleDown"]["policies"][0].update(periodSeconds=15)),
     ("secret key the Secret lacks", "secrets",
-     lambda o: container_of(o)["env"][2]["valueFrom"]["secretKeyRef"].update(
-         key="livekit-secret")),
+     lambda o: container_of(o)["env"].append({"name": "X", "valueFrom": {"secretKeyRef": {
+         "name": find(o, "Secret")["metadata"]["name"], "key": "livekit-secret"}}})),
 ]
 
 
