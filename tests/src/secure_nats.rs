@@ -25,6 +25,9 @@ pub enum Auth {
     Token,
     UserPassword,
     Nkey,
+    /// A `.creds` file: a user JWT signed by an account the server's operator trusts, and
+    /// the user's nkey seed (the server runs in operator mode).
+    Credentials,
 }
 
 /// The server, its CA, a client certificate it accepts, and the client's secret, all in
@@ -43,33 +46,38 @@ impl SecureNats {
             .prefix("framehost-secure-nats-")
             .tempdir()?;
         write_certificates(&dir)?;
-        let (secret, authorization) = match auth {
+        let (secret, secret_file, authorization) = match auth {
             Auth::Token => {
                 let token = format!("token-{}", std::process::id());
-                let block = format!("{{ token: \"{token}\" }}");
-                (token, block)
+                let block = format!("authorization {{ token: \"{token}\" }}");
+                (token.clone(), token, block)
             }
             Auth::UserPassword => {
                 let password = format!("password-{}", std::process::id());
                 let block = format!(
-                    "{{ users = [ {{ user: \"framehost\", password: \"{password}\" }} ] }}"
+                    "authorization {{ users = [ {{ user: \"framehost\", password: \"{password}\" }} ] }}"
                 );
-                (password, block)
+                (password.clone(), password, block)
             }
             Auth::Nkey => {
                 let key = nkeys::KeyPair::new_user();
-                let block = format!("{{ users = [ {{ nkey: \"{}\" }} ] }}", key.public_key());
-                (key.seed()?, block)
+                let block = format!(
+                    "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}",
+                    key.public_key()
+                );
+                let seed = key.seed()?;
+                (seed.clone(), seed, block)
             }
+            Auth::Credentials => operator_mode()?,
         };
         // As a mounted Secret would hold it, with a final newline.
-        std::fs::write(dir.path().join("secret"), format!("{secret}\n"))?;
+        std::fs::write(dir.path().join("secret"), format!("{secret_file}\n"))?;
         let port = free_port()?;
         let path = |name: &str| dir.path().join(name).display().to_string();
         let conf = format!(
             "listen: 127.0.0.1:{port}\n\
              jetstream {{ store_dir: \"{store}\" }}\n\
-             authorization {authorization}\n\
+             {authorization}\n\
              tls {{\n  cert_file: \"{cert}\"\n  key_file: \"{key}\"\n  ca_file: \"{ca}\"\n  \
              verify: true\n  timeout: 5\n}}\n",
             store = path("jetstream"),
@@ -118,6 +126,7 @@ impl SecureNats {
                 nats.password_file = secret;
             }
             Auth::Nkey => nats.nkey_seed_file = secret,
+            Auth::Credentials => nats.credentials_file = secret,
         }
         nats.tls.ca_file = Some(self.file("ca.pem"));
         nats.tls.cert_file = Some(self.file("client.pem"));
@@ -167,6 +176,81 @@ impl Drop for SecureNats {
         self.child.kill().ok();
         self.child.wait().ok();
     }
+}
+
+/// An operator trusting a system account and an account with JetStream, and a user of that
+/// account: the user's seed, its `.creds` file, and the server's configuration lines.
+fn operator_mode() -> anyhow::Result<(String, String, String)> {
+    use nkeys::KeyPair;
+    use serde_json::json;
+    let unlimited = json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+    });
+    let mut with_jetstream = unlimited.clone();
+    for limit in ["mem_storage", "disk_storage", "streams", "consumer"] {
+        with_jetstream[limit] = json!(-1);
+    }
+    let (operator, system, account, user) = (
+        KeyPair::new_operator(),
+        KeyPair::new_account(),
+        KeyPair::new_account(),
+        KeyPair::new_user(),
+    );
+    let operator_jwt = jwt(&operator, &operator, json!({"type": "operator"}))?;
+    let system_jwt = jwt(
+        &operator,
+        &system,
+        json!({"type": "account", "limits": unlimited}),
+    )?;
+    let account_jwt = jwt(
+        &operator,
+        &account,
+        json!({"type": "account", "limits": with_jetstream}),
+    )?;
+    let user_jwt = jwt(
+        &account,
+        &user,
+        json!({"type": "user", "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+    )?;
+    let seed = user.seed()?;
+    let creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+    );
+    let (system, account) = (system.public_key(), account.public_key());
+    let conf = format!(
+        "operator: \"{operator_jwt}\"\nsystem_account: {system}\nresolver: MEMORY\n\
+         resolver_preload: {{\n  {system}: \"{system_jwt}\"\n  {account}: \"{account_jwt}\"\n}}"
+    );
+    Ok((seed, creds, conf))
+}
+
+/// A NATS JWT (version 2) about `subject`, signed by `issuer`.
+fn jwt(
+    issuer: &nkeys::KeyPair,
+    subject: &nkeys::KeyPair,
+    mut nats: serde_json::Value,
+) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    nats["version"] = 2.into();
+    let sub = subject.public_key();
+    let claims = serde_json::json!({
+        "jti": format!("{:X}", sub.len() as u64 ^ u64::from(std::process::id())),
+        "iat": 1_700_000_000u64,
+        "iss": issuer.public_key(),
+        "name": "framehost-test",
+        "sub": sub,
+        "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let signature = URL_SAFE_NO_PAD.encode(issuer.sign(signed.as_bytes())?);
+    Ok(format!("{signed}.{signature}"))
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.

@@ -143,3 +143,72 @@ async fn sigterm_hands_back_a_job_that_outlasts_the_grace_period() {
     );
     c.wait_queue_empty("the job is acked by host-b").await;
 }
+
+/// A second SIGTERM (an impatient operator, or a runtime escalating) ends the host at once,
+/// even with a long grace period left; the job it held is redelivered, not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once_and_the_job_comes_back() {
+    let mut c = Cluster::start().await;
+    c.config.host.shutdown_grace_secs = 600;
+    c.config.nats.ack_wait_secs = 3;
+    c.serve_job_type("track", artifacts::tracker());
+    let capture = c.capture("long", &captures::options(300, 4, 2, 10.0));
+    let a = c.start_host("host-a").await;
+
+    let spec = c.job("impatient", "track", &capture, true);
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.until(&mut watch, JobState::Started, "the job to start")
+        .await;
+    c.host(a).terminate();
+    // Two signals sent back to back may arrive as one: wait for the first to be taken.
+    let log_a = c.host(a).log_path();
+    let draining = async {
+        while !std::fs::read_to_string(&log_a).is_ok_and(|log| log.contains("Signal received")) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    c.within(
+        Duration::from_secs(30),
+        "host-a to take the first SIGTERM",
+        draining,
+    )
+    .await;
+    c.host(a).terminate();
+    let log = c.logs();
+    let status = within(
+        Duration::from_secs(30),
+        "host-a to exit on the second SIGTERM",
+        || log,
+        c.host(a).wait(),
+    )
+    .await
+    .unwrap_or_else(|e| c.fail(format!("cannot wait for host-a: {e}")));
+    c.check(
+        status.code() == Some(1),
+        format!("host-a should exit 1 at once, not drain for 600 s: {status}"),
+    );
+
+    c.start_host("host-b").await;
+    let started = c
+        .until(
+            &mut watch,
+            JobState::Started,
+            "the job to come back on host-b",
+        )
+        .await;
+    c.check(
+        started.host == "host-b",
+        format!("expected host-b to take the job, got {started:?}"),
+    );
+    c.client
+        .request(c.nats_config().control_subject(&spec.id), "stop".into())
+        .await
+        .unwrap_or_else(|e| c.fail(format!("stop request failed: {e}")));
+    let last = c.until_final(&mut watch, "the job's final status").await;
+    c.check(
+        last.state == JobState::Stopped && last.host == "host-b",
+        format!("expected the job stopped on host-b, got {last:?}"),
+    );
+    c.wait_queue_empty("the job is acked by host-b").await;
+}

@@ -1,5 +1,5 @@
-//! NATS as production runs it: TLS only, client certificates, and a token, a password or an
-//! nkey seed read from a file. The host serves jobs through it; a client missing a piece is
+//! NATS as production runs it: TLS only, client certificates, and a token, a password, an
+//! nkey seed or a `.creds` file read from a file. The host serves jobs through it; a client missing a piece is
 //! refused with an error that says why, and the secret shows nowhere.
 
 use std::path::Path;
@@ -38,6 +38,11 @@ async fn a_host_serves_jobs_over_tls_with_a_user_and_password() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_serves_jobs_over_tls_with_an_nkey() {
     serves_a_job_through(Auth::Nkey).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_serves_jobs_over_tls_with_a_credentials_file() {
+    serves_a_job_through(Auth::Credentials).await;
 }
 
 async fn serves_a_job_through(auth: Auth) {
