@@ -119,9 +119,18 @@ pub async fn connect(
                 other => tracing::debug!(event = %other, "NATS event"),
             }
         })
-        .connect(config.url.as_str())
+        .connect(server_urls(&config.url))
         .await
         .with_context(|| format!("cannot connect to NATS at {}", config.url))
+}
+
+/// The servers of a `nats.url` that lists several, comma separated (the client reads a
+/// single string as one address).
+fn server_urls(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
 }
 
 /// Creates the jobs stream, the dead-letter stream and the shared consumer if missing.
@@ -136,6 +145,7 @@ pub async fn ensure_streams(
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
+            num_replicas: config.replicas,
             ..Default::default()
         })
         .await
@@ -146,6 +156,7 @@ pub async fn ensure_streams(
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(14 * 24 * 3600),
+        num_replicas: config.replicas,
         ..Default::default()
     })
     .await
@@ -219,7 +230,7 @@ pub async fn serve(
     let catalogue_stop = CancellationToken::new();
     let _stop_catalogue = catalogue_stop.clone().drop_guard();
     let buckets = tokio::select! {
-        buckets = catalogue::nats::Buckets::open(&js, &config.catalogue) => buckets?,
+        buckets = catalogue::nats::Buckets::open(&js, &config.catalogue, config.nats.replicas) => buckets?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     if config.catalogue.nats {
@@ -374,6 +385,7 @@ async fn watch_max_deliveries(
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(14 * 24 * 3600),
+            num_replicas: nats.replicas,
             ..Default::default()
         })
         .await
@@ -947,4 +959,25 @@ pub async fn submit(
         anyhow::bail!("job {} did not end within {:?}", spec.id, wait);
     }
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_list_names_each_server() {
+        assert_eq!(
+            server_urls("nats://127.0.0.1:4001, nats://127.0.0.1:4002,nats://127.0.0.1:4003"),
+            [
+                "nats://127.0.0.1:4001",
+                "nats://127.0.0.1:4002",
+                "nats://127.0.0.1:4003"
+            ]
+        );
+        assert_eq!(
+            server_urls("nats://127.0.0.1:4222"),
+            ["nats://127.0.0.1:4222"]
+        );
+    }
 }
