@@ -853,7 +853,7 @@ async fn settle(message: &jetstream::Message, kind: AckKind) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let attempt = match kind {
-            AckKind::Ack => message.double_ack().await,
+            AckKind::Ack => confirmed_ack(message).await,
             ref other => message.ack_with(clone_kind(other)).await,
         };
         match attempt {
@@ -869,6 +869,25 @@ async fn settle(message: &jetstream::Message, kind: AckKind) {
             }
         }
     }
+}
+
+/// Acks `message` and waits for JetStream to confirm it.
+///
+/// Not the client's `double_ack`: it takes any answer for a confirmation, including the
+/// server's "no responders" while a clustered consumer is between leaders (its ack subject
+/// then has no subscriber), and the ack is lost: the job would run again after `ack_wait`.
+/// A request fails on "no responders", and `settle` tries again.
+async fn confirmed_ack(message: &jetstream::Message) -> Result<(), async_nats::Error> {
+    let reply = message
+        .reply
+        .clone()
+        .ok_or("not a JetStream message: no reply subject")?;
+    message
+        .context
+        .client()
+        .request(reply, AckKind::Ack.into())
+        .await?;
+    Ok(())
 }
 
 fn clone_kind(kind: &AckKind) -> AckKind {
