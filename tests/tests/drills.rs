@@ -1,10 +1,13 @@
-//! Failure drills from production: the NATS server restarting under a running job, and
-//! SIGTERM with jobs running (finished within the grace period, or handed back after it).
+//! Failure drills from production: the NATS server restarting under a running job, a NATS
+//! cluster losing a server, and SIGTERM with jobs running (finished within the grace
+//! period, or handed back after it).
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use framehost::intake::JobState;
-use framehost_tests::{Cluster, artifacts, captures, within};
+use framehost::intake::{JobState, JobStatus};
+use framehost::job::JobSpec;
+use framehost_tests::{Cluster, JOB_WAIT, StatusFeed, artifacts, captures, within};
 
 /// Bound on a job's run, from submission to its final status.
 const JOB: Duration = Duration::from_secs(150);
@@ -142,4 +145,152 @@ async fn sigterm_hands_back_a_job_that_outlasts_the_grace_period() {
         format!("expected the job stopped on host-b, got {last:?}"),
     );
     c.wait_queue_empty("the job is acked by host-b").await;
+}
+
+/// A cluster of three servers, every stream and bucket replicated on all three, loses the
+/// server that leads the jobs stream and the shared consumer and that a host is connected
+/// to, while jobs run. The hosts carry on through the other two: every job submitted
+/// before, during and after the loss finishes exactly once, none is stored twice, and the
+/// queue drains. The server then comes back, and a last job runs through the healed
+/// cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_cluster_losing_a_server_keeps_jobs_flowing() {
+    let mut c = Cluster::start_nats_cluster(3).await;
+    c.serve_job_type("track", artifacts::tracker());
+    // 4 s at 10 fps: the first jobs are running when the server dies.
+    let capture = c.capture("paced", &captures::options(40, 4, 2, 10.0));
+    c.start_host("host-a").await;
+    c.start_host("host-b").await;
+
+    // The hard case: the server a host talks to, leading the stream and the consumer.
+    let mut victim = 0;
+    let mut most = 0;
+    for node in 0..c.nats.len() {
+        let hosts = c
+            .nats
+            .connections_named(node, "framehost")
+            .await
+            .unwrap_or_else(|e| c.fail(format!("cannot list connections: {e:#}")));
+        if hosts > most {
+            (victim, most) = (node, hosts);
+        }
+    }
+    c.check(most > 0, "no server holds a host's connection");
+    let victim_name = c.nats.node_name(victim).to_owned();
+    c.move_leaders_to(&victim_name).await;
+    // The test watches through a server that stays up: a subscription misses what is
+    // published while its client reconnects.
+    let survivor = (victim + 1) % c.nats.len();
+    let survivor_url = c.nats.node_url(survivor);
+    c.use_client(&survivor_url).await;
+    let mut feed = StatusFeed::new(&c.client, c.nats_config())
+        .await
+        .unwrap_or_else(|e| c.fail(format!("cannot subscribe to statuses: {e}")));
+    let jobs = |phase: &str| -> Vec<JobSpec> {
+        (0..4)
+            .map(|n| c.job(&format!("{phase}-{n}"), "track", &capture, true))
+            .collect()
+    };
+    let (before, during, after) = (jobs("before"), jobs("during"), jobs("after"));
+
+    c.submit_all(&before).await;
+    let running = c
+        .within(
+            JOB_WAIT,
+            "the first jobs to start",
+            feed.until(|seen| count(seen, JobState::Started) >= before.len()),
+        )
+        .await;
+    c.check(running, "status subscription ended");
+    c.nats.kill_node(victim);
+    let lost_at = Instant::now();
+
+    // Published while the stream elects a new leader: the submitter sends again what goes
+    // unanswered.
+    c.submit_all(&during).await;
+    let stream_info = format!("$JS.API.STREAM.INFO.{}", c.nats_config().stream);
+    let new_leader = c.wait_leader(&stream_info, Some(&victim_name)).await;
+    c.submit_all(&after).await;
+    eprintln!(
+        "killed {victim_name} (leader of the jobs stream and consumer, {most} host \
+         connection(s)); {new_leader} leads the stream; every job stored {:?} after the loss",
+        lost_at.elapsed()
+    );
+
+    let all: Vec<JobSpec> = [before, during, after].concat();
+    let ended = c
+        .within(
+            JOB_WAIT,
+            format!("final statuses of all {} jobs", all.len()),
+            feed.until(|seen| finished_ids(seen).len() >= all.len()),
+        )
+        .await;
+    c.check(ended, "status subscription ended");
+    c.wait_queue_empty("every job is acked after the loss")
+        .await;
+    let stream = c.jobs_stream_state().await;
+    c.check(
+        stream.last_sequence == all.len() as u64,
+        format!(
+            "expected {} jobs stored once each, got {stream:?}",
+            all.len()
+        ),
+    );
+    // Statuses that trail the last ack (none expected) still count.
+    feed.drain_buffered();
+    check_each_finished_once(&c, &feed.seen, &all);
+    let reconnected = (0..2).any(|h| c.host(h).log().contains("NATS connection lost"));
+    c.check(
+        reconnected,
+        format!("no host lost its connection to {victim_name}"),
+    );
+
+    if let Err(error) = c.nats.restart_node(victim).await {
+        c.fail(format!("cannot restart {victim_name}: {error:#}"));
+    }
+    let healed = c.job("healed", "track", &capture, false);
+    let last = c.run(&healed).await;
+    c.check(
+        last.state == JobState::Finished,
+        format!("expected the job after the restart to finish, got {last:?}"),
+    );
+    c.wait_queue_empty("the job after the restart is acked")
+        .await;
+}
+
+fn count(seen: &[JobStatus], state: JobState) -> usize {
+    seen.iter().filter(|s| s.state == state).count()
+}
+
+/// Ids of the jobs seen finished.
+fn finished_ids(seen: &[JobStatus]) -> std::collections::BTreeSet<&str> {
+    seen.iter()
+        .filter(|s| s.state == JobState::Finished)
+        .map(|s| s.job_id.as_str())
+        .collect()
+}
+
+/// Every job in `jobs` has exactly one final status, `finished`, and no other job has any.
+fn check_each_finished_once(c: &Cluster, seen: &[JobStatus], jobs: &[JobSpec]) {
+    let mut finals: BTreeMap<&str, Vec<&JobStatus>> = BTreeMap::new();
+    for status in seen.iter().filter(|s| s.state.is_final()) {
+        finals
+            .entry(status.job_id.as_str())
+            .or_default()
+            .push(status);
+    }
+    for job in jobs {
+        let got = finals.remove(job.id.as_str()).unwrap_or_default();
+        c.check(
+            got.len() == 1 && got[0].state == JobState::Finished,
+            format!(
+                "job {}: expected one final status, finished; got {got:?}",
+                job.id
+            ),
+        );
+    }
+    c.check(
+        finals.is_empty(),
+        format!("final statuses of unknown jobs: {finals:?}"),
+    );
 }
