@@ -847,13 +847,17 @@ impl Runner {
     }
 }
 
-/// Acks, naks or terminates, retrying through a NATS reconnect for up to a minute.
+/// Acks, naks or terminates, retrying through a NATS reconnect for up to a minute. An ack or
+/// a term waits for JetStream to confirm it, through a consumer leader election too: lost,
+/// it would run the job again. A nak is only sent: lost, the job comes back after
+/// `ack_wait` instead of `nak_delay_secs`, whereas sent twice (the first applied, its
+/// answer lost) it could hand back a later delivery running elsewhere.
 async fn settle(message: &jetstream::Message, kind: AckKind) {
     let mut delay = Duration::from_millis(100);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let attempt = match kind {
-            AckKind::Ack => confirmed_ack(message).await,
+            AckKind::Ack | AckKind::Term => confirmed(message, clone_kind(&kind)).await,
             ref other => message.ack_with(clone_kind(other)).await,
         };
         match attempt {
@@ -871,22 +875,19 @@ async fn settle(message: &jetstream::Message, kind: AckKind) {
     }
 }
 
-/// Acks `message` and waits for JetStream to confirm it.
+/// Sends `kind` for `message` and waits for JetStream to confirm it (the server answers an
+/// ack or term that asks for a reply).
 ///
 /// Not the client's `double_ack`: it takes any answer for a confirmation, including the
 /// server's "no responders" while a clustered consumer is between leaders (its ack subject
 /// then has no subscriber), and the ack is lost: the job would run again after `ack_wait`.
 /// A request fails on "no responders", and `settle` tries again.
-async fn confirmed_ack(message: &jetstream::Message) -> Result<(), async_nats::Error> {
+async fn confirmed(message: &jetstream::Message, kind: AckKind) -> Result<(), async_nats::Error> {
     let reply = message
         .reply
         .clone()
         .ok_or("not a JetStream message: no reply subject")?;
-    message
-        .context
-        .client()
-        .request(reply, AckKind::Ack.into())
-        .await?;
+    message.context.client().request(reply, kind.into()).await?;
     Ok(())
 }
 
