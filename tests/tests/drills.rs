@@ -154,6 +154,10 @@ async fn sigterm_hands_back_a_job_that_outlasts_the_grace_period() {
 /// before, during and after the loss finishes exactly once, none is stored twice, and the
 /// queue drains. The server then comes back, and a last job runs through the healed
 /// cluster.
+///
+/// Not covered: the catalogue with the server down. With nats-server 2.9.10 a `plugin push`
+/// then timed out, and a host refused the pushed version (its object fetch timed out after
+/// 30 s), for some 20-30 s after the loss; to be looked into (#5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_cluster_losing_a_server_keeps_jobs_flowing() {
     let mut c = Cluster::start_nats_cluster(3).await;
