@@ -39,6 +39,11 @@ pub struct AssemblyLimits {
     /// refused as `too_many_open_messages` (the open ones are kept). Defaults to 16.
     pub max_open_messages: usize,
 
+    /// The most text bytes held by all open messages together. The part that would pass it
+    /// drops its message as `assembly_full` (the other open messages are kept). Defaults to
+    /// 64 MiB.
+    pub max_buffered_bytes: usize,
+
     /// How long a message may take from its first part to its last. Past it the message is
     /// dropped by [`Assembler::expire`] as `message_expired`. Defaults to 10 seconds.
     pub max_age: Duration,
@@ -57,6 +62,7 @@ impl Default for AssemblyLimits {
             max_parts: 64,
             max_message_bytes: 32 * 1024 * 1024,
             max_open_messages: 16,
+            max_buffered_bytes: 64 * 1024 * 1024,
             max_age: Duration::from_secs(10),
             remembered_messages: 256,
         }
@@ -123,6 +129,10 @@ pub enum AssemblyRejection {
     #[error("{limit} messages are already open")]
     TooManyOpenMessages { limit: usize },
 
+    /// The part would take the open messages past [`AssemblyLimits::max_buffered_bytes`].
+    #[error("open messages would hold more than the limit of {limit} bytes")]
+    AssemblyFull { limit: usize },
+
     /// Not all parts arrived within [`AssemblyLimits::max_age`].
     #[error("{received} of {total} parts arrived within {max_age:?}")]
     Expired {
@@ -142,6 +152,7 @@ impl AssemblyRejection {
             Self::InconsistentTotal { .. } => "inconsistent_total",
             Self::MessageTooLarge { .. } => "message_too_large",
             Self::TooManyOpenMessages { .. } => "too_many_open_messages",
+            Self::AssemblyFull { .. } => "assembly_full",
             Self::Expired { .. } => "message_expired",
         }
     }
@@ -167,13 +178,13 @@ pub struct AssemblyCounters {
 /// | parts a message declares | 64 | message refused | `too_many_parts` |
 /// | text bytes of one message | 32 MiB | message dropped, parts freed | `message_too_large` |
 /// | open messages | 16 | the new message is refused | `too_many_open_messages` |
+/// | text bytes of all open messages | 64 MiB | the message of the part dropped | `assembly_full` |
 /// | time from first part | 10 s | message dropped by [`expire`](Self::expire) | `message_expired` |
 /// | remembered finished messages | 256 | the oldest is forgotten | — |
 ///
 /// Parts are stored in a map holding only the parts received, never a slot per declared
-/// part, so a `total_frames` of a billion costs nothing before it is refused. The worst case
-/// held is `max_open_messages × max_message_bytes` (512 MiB with the defaults), though the
-/// streams stage upstream already bounds all of its output in flight. Every rejection of a
+/// part, so a `total_frames` of a billion costs nothing before it is refused. At most
+/// `max_buffered_bytes` are held, whatever the number of open messages. Every rejection of a
 /// message drops what it holds and remembers its id, so it is reported once.
 ///
 /// Messages are keyed by (sender identity, message id), so two senders cannot collide.
@@ -336,6 +347,12 @@ impl Assembler {
         if message.bytes + text.len() > self.limits.max_message_bytes {
             let limit = self.limits.max_message_bytes;
             self.reject(key, AssemblyRejection::MessageTooLarge { limit }, out);
+            return;
+        }
+
+        if self.held + text.len() > self.limits.max_buffered_bytes {
+            let limit = self.limits.max_buffered_bytes;
+            self.reject(key, AssemblyRejection::AssemblyFull { limit }, out);
             return;
         }
 
@@ -918,6 +935,40 @@ mod tests {
             ]
         );
         assert_eq!(assembler.counters().late_parts, 1);
+    }
+
+    #[test]
+    fn open_messages_together_hold_at_most_the_buffered_cap() {
+        let mut assembler = Assembler::new(AssemblyLimits {
+            max_buffered_bytes: 10,
+            ..AssemblyLimits::default()
+        });
+        let events = feed(
+            &mut assembler,
+            vec![
+                part("agent", "m1", 0, 2, "123456"),
+                // Would make 11 bytes held: m2 goes, m1 stays.
+                part("agent", "m2", 0, 2, "abcde"),
+                part("agent", "m2", 1, 2, "f"),
+                part("agent", "m1", 1, 2, "7890"),
+                // One-part messages are never held.
+                stream("agent", "single", None, "a long one-part message"),
+            ],
+            Instant::now(),
+        );
+        assert_eq!(
+            rejections(&events),
+            [("m2", &AssemblyRejection::AssemblyFull { limit: 10 })]
+        );
+        assert_eq!(
+            messages(&events),
+            [
+                ("agent", "m1", "1234567890", 2),
+                ("agent", "single", "a long one-part message", 1)
+            ]
+        );
+        assert_eq!(assembler.counters().late_parts, 1);
+        assert_eq!(assembler.bytes_held(), 0);
     }
 
     #[test]

@@ -347,10 +347,7 @@ struct Bench {
 
 impl Bench {
     fn load(args: &PluginArgs) -> anyhow::Result<Self> {
-        let config = match &args.config {
-            Some(path) => Config::load(path)?,
-            None => Config::default(),
-        };
+        let config = Config::load_or_env(args.config.as_deref())?;
         let job_config: serde_json::Value =
             serde_json::from_str(&args.job_config).context("--job-config is not valid JSON")?;
         let sandbox = Sandbox::new(config.sandbox_config())?;

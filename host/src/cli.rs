@@ -19,6 +19,7 @@ use crate::config::{Config, Limits};
 use crate::intake::{self, JobState};
 use crate::job::{self, JobEvent, JobReport, JobSettings, JobSpec};
 use crate::livekit::{self, LiveKitSource, LiveKitStats, PacketQueue, Secret, SessionEnd};
+use crate::ops::{self, Readiness};
 use crate::sandbox::Sandbox;
 use crate::source::SourceSpec;
 use crate::telemetry::{self, JobCounters};
@@ -40,8 +41,14 @@ mod plugin;
     after_help = "Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=framehost=debug) for more."
 )]
 struct Cli {
-    /// Log as JSON lines (for log collectors) instead of text.
-    #[arg(long, global = true)]
+    /// Log as JSON lines (for log collectors) instead of text. A job's lines carry its
+    /// `job_id` and `job_type` in their `span` fields.
+    #[arg(
+        long,
+        global = true,
+        env = "FRAMEHOST_LOG_JSON",
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
     log_json: bool,
     #[command(subcommand)]
     command: Command,
@@ -361,11 +368,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn config_check(path: &Path) -> anyhow::Result<ExitCode> {
-    let mut config = Config::load(path)?;
-    if let Some(secret) = &mut config.livekit.api_secret {
-        *secret = Secret::new("<redacted>");
-    }
-    let text = toml::to_string(&config).context("cannot print the configuration")?;
+    let config = Config::load(path)?;
+    let text = toml::to_string(&config.redacted()).context("cannot print the configuration")?;
     println!(
         "# {} is valid; the effective configuration:\n",
         path.display()
@@ -374,6 +378,18 @@ fn config_check(path: &Path) -> anyhow::Result<ExitCode> {
     match config.catalogue.cache_dir() {
         Some(dir) => println!("\n# compiled plugins are cached in {}", dir.display()),
         None => println!("\n# compiled plugins are not cached"),
+    }
+    let budget = config.memory_budget();
+    let mib = |bytes: u64| bytes.div_ceil(1 << 20);
+    println!(
+        "# memory budget (worst case resident): {} MiB = {} MiB base + {} jobs x {} MiB",
+        mib(budget.total()),
+        mib(budget.base),
+        budget.jobs,
+        mib(budget.per_job_total())
+    );
+    for (what, bytes) in &budget.per_job {
+        println!("#   per job: {:>6} MiB  {what}", mib(*bytes));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -390,6 +406,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.config.display()
         );
     }
+    // Bound before anything slow, so that a taken port fails the start at once.
+    let endpoint = match config.metrics.enabled {
+        true => Some(ops::bind(config.metrics.listen).await?),
+        false => None,
+    };
     let sandbox = Sandbox::new(config.sandbox_config())?;
     let catalogue = Catalogue::new(sandbox, &config);
     let lk = &config.livekit;
@@ -406,8 +427,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
+    // Draining from the first signal; the endpoint answers until the process exits.
+    let readiness = Readiness::new(shutdown.clone());
+    if let Some(listener) = endpoint {
+        tracing::info!(address = %config.metrics.listen, "Serving /metrics, /healthz and /readyz");
+        tokio::spawn(ops::serve(listener, readiness.clone(), catalogue.clone()));
+    }
     let files = DirSource::new(catalogue.clone(), &config).spawn(shutdown.child_token());
-    intake::serve(Arc::new(config), catalogue, shutdown).await?;
+    intake::serve(Arc::new(config), catalogue, shutdown, readiness).await?;
     files.abort();
     tracing::info!("Stopped");
     Ok(ExitCode::SUCCESS)
@@ -437,10 +464,7 @@ async fn watch_signals(shutdown: CancellationToken) {
 }
 
 async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    let config = Config::load_or_env(args.config.as_deref())?;
     let job_config: serde_json::Value =
         serde_json::from_str(&args.job_config).context("--job-config is not valid JSON")?;
     match std::fs::metadata(&args.capture) {
@@ -530,7 +554,10 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    let outcome = job::run(&spec, &plugin, &settings, events_tx, stop).await;
+    let span = tracing::info_span!("job", job_id = %spec.id, job_type = %spec.job_type);
+    let outcome =
+        tracing::Instrument::instrument(job::run(&spec, &plugin, &settings, events_tx, stop), span)
+            .await;
     consumer.await.ok();
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -721,10 +748,7 @@ fn capture_info(path: &Path) -> anyhow::Result<ExitCode> {
 }
 
 fn nats_config(args: &NatsArgs) -> anyhow::Result<crate::config::NatsConfig> {
-    let mut nats = match &args.config {
-        Some(path) => Config::load(path)?.nats,
-        None => Default::default(),
-    };
+    let mut nats = Config::load_or_env(args.config.as_deref())?.nats;
     if let Some(url) = &args.nats {
         nats.url = url.clone();
     }
@@ -837,10 +861,7 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn capture_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    let mut config = Config::load_or_env(args.config.as_deref())?;
     config.livekit.apply_env();
     let source = args.room.source().context("--room is required")?;
     let job_id = format!("record-{}", std::process::id());

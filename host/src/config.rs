@@ -1,9 +1,14 @@
-//! Configuration: one TOML file, every option with a default.
+//! Configuration: one TOML file, every option with a default, any option overridden from
+//! the environment.
 //!
 //! Every option is documented where it is defined, with its default and unit, and listed in
-//! the README's configuration table. A missing file section means "all defaults".
+//! the README's configuration table and `examples/framehost.toml`. A missing file section
+//! means "all defaults". `FRAMEHOST_<SECTION>__<KEY>=value` overrides `section.key` (see
+//! [`ENV_PREFIX`]); secrets are read from files named in the configuration or from the
+//! environment, and never printed.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,13 +35,30 @@ pub struct Config {
     /// directory and from NATS add to these; a job whose type nobody routes fails
     /// permanently.
     pub job_types: BTreeMap<String, JobTypeConfig>,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
-    /// Server URL(s), comma separated. Default `nats://127.0.0.1:4222`.
+    /// Server URL(s), comma separated. `tls://` requires TLS. Default `nats://127.0.0.1:4222`.
     pub url: String,
+    /// A NATS credentials file (`.creds`: user JWT and nkey seed). Default: none.
+    pub credentials_file: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU...`) to sign the server's challenge. Default: none.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// User name, with `password` or `password_file`. Default: none.
+    pub user: Option<String>,
+    /// The user's password. Prefer `password_file`. Never printed.
+    pub password: Option<Secret>,
+    /// A file holding the user's password.
+    pub password_file: Option<PathBuf>,
+    /// An authentication token. Prefer `token_file`. Never printed.
+    pub token: Option<Secret>,
+    /// A file holding the token.
+    pub token_file: Option<PathBuf>,
+    /// TLS to the server.
+    pub tls: NatsTls,
     /// JetStream stream that holds jobs (work-queue retention). Default `FRAMEHOST_JOBS`.
     pub stream: String,
     /// Subject prefix: jobs are published on `<prefix>.jobs.<type>`, status on
@@ -66,6 +88,14 @@ impl Default for NatsConfig {
     fn default() -> Self {
         Self {
             url: "nats://127.0.0.1:4222".into(),
+            credentials_file: None,
+            nkey_seed_file: None,
+            user: None,
+            password: None,
+            password_file: None,
+            token: None,
+            token_file: None,
+            tls: NatsTls::default(),
             stream: "FRAMEHOST_JOBS".into(),
             subject_prefix: "framehost".into(),
             consumer: "framehost-workers".into(),
@@ -76,6 +106,74 @@ impl Default for NatsConfig {
             replicas: 1,
         }
     }
+}
+
+impl NatsConfig {
+    /// At most one way to authenticate, each complete; the files it names readable.
+    fn check_auth(&self) -> Result<(), String> {
+        let ways = [
+            ("credentials_file", self.credentials_file.is_some()),
+            ("nkey_seed_file", self.nkey_seed_file.is_some()),
+            ("user", self.user.is_some()),
+            ("token", self.token.is_some() || self.token_file.is_some()),
+        ];
+        let set: Vec<&str> = ways.iter().filter(|w| w.1).map(|w| w.0).collect();
+        if set.len() > 1 {
+            return Err(format!(
+                "nats: give one way to authenticate, not {}",
+                set.join(" and ")
+            ));
+        }
+        if self.user.is_some() != (self.password.is_some() || self.password_file.is_some()) {
+            return Err("nats.user and nats.password (or password_file) go together".into());
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err("nats.tls.cert_file and nats.tls.key_file go together".into());
+        }
+        for (name, path) in [
+            ("nats.credentials_file", &self.credentials_file),
+            ("nats.nkey_seed_file", &self.nkey_seed_file),
+            ("nats.tls.ca_file", &self.tls.ca_file),
+            ("nats.tls.cert_file", &self.tls.cert_file),
+            ("nats.tls.key_file", &self.tls.key_file),
+        ] {
+            if let Some(path) = path {
+                std::fs::File::open(path)
+                    .map_err(|e| format!("cannot read {name} {}: {e}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The nkey seed, read from `nkey_seed_file`.
+    pub fn nkey_seed(&self) -> Result<Option<Secret>, ConfigError> {
+        inline_or_file("nats.nkey_seed", &None, &self.nkey_seed_file)
+    }
+
+    /// The password, given inline or read from `password_file`.
+    pub fn password(&self) -> Result<Option<Secret>, ConfigError> {
+        inline_or_file("nats.password", &self.password, &self.password_file)
+    }
+
+    /// The token, given inline or read from `token_file`.
+    pub fn token(&self) -> Result<Option<Secret>, ConfigError> {
+        inline_or_file("nats.token", &self.token, &self.token_file)
+    }
+}
+
+/// TLS to the NATS server. A `tls://` URL or a server that demands TLS uses it too.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsTls {
+    /// Refuse to talk to the server without TLS. Default false.
+    pub required: bool,
+    /// PEM file of the CA(s) that signed the server's certificate, in addition to the
+    /// system's roots. Default: none.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that verify clients (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
 }
 
 impl NatsConfig {
@@ -173,6 +271,9 @@ pub struct AssemblyConfig {
     pub max_message_bytes: usize,
     /// Messages being assembled at once per job. Default 16.
     pub max_open_messages: usize,
+    /// Bytes all messages being assembled may hold together, per job; the part that would
+    /// pass it drops its message (`assembly_full`). Default 64 MiB.
+    pub max_buffered_bytes: usize,
     /// Milliseconds from a message's first part until it is dropped unfinished.
     /// Default 10,000.
     pub max_age_ms: u64,
@@ -185,6 +286,7 @@ impl Default for AssemblyConfig {
             max_parts: limits.max_parts,
             max_message_bytes: limits.max_message_bytes,
             max_open_messages: limits.max_open_messages,
+            max_buffered_bytes: limits.max_buffered_bytes,
             max_age_ms: limits.max_age.as_millis() as u64,
         }
     }
@@ -196,6 +298,7 @@ impl AssemblyConfig {
             max_parts: self.max_parts,
             max_message_bytes: self.max_message_bytes,
             max_open_messages: self.max_open_messages,
+            max_buffered_bytes: self.max_buffered_bytes,
             max_age: Duration::from_millis(self.max_age_ms),
             ..AssemblyLimits::default()
         }
@@ -267,9 +370,11 @@ pub struct LiveKitConfig {
     /// API key for the tokens the host mints for jobs that bring none. Falls back to the
     /// `LIVEKIT_API_KEY` environment variable.
     pub api_key: Option<String>,
-    /// The key's secret. Prefer the `LIVEKIT_API_SECRET` environment variable to writing it
-    /// here. Never logged.
+    /// The key's secret. Prefer `api_secret_file` or the `LIVEKIT_API_SECRET` environment
+    /// variable to writing it here. Never logged or printed.
     pub api_secret: Option<Secret>,
+    /// A file holding the API secret (a mounted Kubernetes Secret, say).
+    pub api_secret_file: Option<PathBuf>,
     /// Lifetime of a minted token, in seconds; it is only needed to join (the server
     /// refreshes it while connected). Default 600.
     pub token_ttl_secs: u64,
@@ -310,6 +415,7 @@ impl Default for LiveKitConfig {
             url: None,
             api_key: None,
             api_secret: None,
+            api_secret_file: None,
             token_ttl_secs: 600,
             connect_timeout_ms: 5_000,
             ice_timeout_ms: 15_000,
@@ -620,6 +726,56 @@ impl CatalogueConfig {
     }
 }
 
+/// Resident memory of a host with no job running: the runtime, wasmtime and its compiled
+/// plugins, the NATS client. A release build serving the tracker and frame-stats plugins
+/// measured 73 MiB idle (VmHWM); the rest is headroom for the compiled code of more job
+/// types.
+pub const BASE_RESIDENT_BYTES: u64 = 128 << 20;
+
+/// A worst-case bound on a host's resident memory, from its configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryBudget {
+    /// The host without jobs ([`BASE_RESIDENT_BYTES`]).
+    pub base: u64,
+    /// Jobs at once (`host.max_jobs`).
+    pub jobs: u64,
+    /// One job at its worst, by what holds the memory. A decoded frame is never larger than
+    /// its assembled text, so `assembly.max_message_bytes` bounds each.
+    pub per_job: Vec<(&'static str, u64)>,
+}
+
+impl MemoryBudget {
+    pub fn per_job_total(&self) -> u64 {
+        self.per_job.iter().map(|(_, bytes)| bytes).sum()
+    }
+
+    /// `base + jobs × per_job_total`.
+    pub fn total(&self) -> u64 {
+        self.base + self.jobs * self.per_job_total()
+    }
+}
+
+/// The operations endpoint of `serve`: Prometheus metrics on `/metrics`, liveness on
+/// `/healthz`, readiness on `/readyz`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve the endpoint at all. Default true.
+    pub enabled: bool,
+    /// Socket address to listen on; `serve` fails at start if it cannot be bound.
+    /// Default `0.0.0.0:9180`.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 9180)),
+        }
+    }
+}
+
 /// Whether `text` is 1 to `max_len` characters of `A-Z a-z 0-9 - _`: what a name must be
 /// to stand as a NATS subject token, a key-value key or a bucket name.
 pub fn is_name(text: &str, max_len: usize) -> bool {
@@ -627,6 +783,124 @@ pub fn is_name(text: &str, max_len: usize) -> bool {
         && text
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `FRAMEHOST_<SECTION>__<KEY>` variables set in the environment, as (name, value), sorted.
+fn env_overrides() -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value)))
+        .filter(|(name, _)| name.starts_with(ENV_PREFIX) && name.contains("__"))
+        .map(|(name, value)| (name, value.to_string_lossy().into_owned()))
+        .collect();
+    vars.sort();
+    vars
+}
+
+/// Lays the overrides over `table`; an error names the variable.
+fn apply_overrides(
+    table: &mut toml::Table,
+    overrides: &[(String, String)],
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default()).expect("the defaults serialize");
+    for (name, raw) in overrides {
+        let env_error = |error: String| ConfigError::Env {
+            name: name.clone(),
+            error,
+        };
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(env_error("empty option name between `__`".into()));
+        }
+        let (key, sections) = path.split_last().expect("split yields one part at least");
+        let mut at = &mut *table;
+        let mut known = Some(&defaults);
+        for section in sections {
+            let default = known.and_then(|t| t.get(section));
+            if default.is_some_and(|value| !value.is_table()) {
+                return Err(env_error(format!("`{section}` is not a section")));
+            }
+            known = default.and_then(toml::Value::as_table);
+            let entry = at
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            at = entry
+                .as_table_mut()
+                .ok_or_else(|| env_error(format!("`{section}` is not a section")))?;
+        }
+        let value = match known.and_then(|t| t.get(key)) {
+            Some(toml::Value::String(_)) => toml::Value::String(raw.clone()),
+            _ => toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut parsed| parsed.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.clone())),
+        };
+        at.insert(key.clone(), value);
+    }
+    Ok(())
+}
+
+/// Reads the configuration out of a table that environment overrides went into.
+fn from_table(table: toml::Table, overrides: &[(String, String)]) -> Result<Config, ConfigError> {
+    table.try_into().map_err(|error| {
+        let names: Vec<&str> = overrides.iter().map(|(name, _)| name.as_str()).collect();
+        ConfigError::Overridden {
+            names: names.join(", "),
+            error: Box::new(error),
+        }
+    })
+}
+
+/// The secret given inline, else the one in `file`, if either is set.
+fn inline_or_file(
+    option: &str,
+    inline: &Option<Secret>,
+    file: &Option<PathBuf>,
+) -> Result<Option<Secret>, ConfigError> {
+    if inline.is_some() {
+        return Ok(inline.clone());
+    }
+    let mut secret = None;
+    read_secret_file(option, &mut secret, file)?;
+    Ok(secret)
+}
+
+/// Reads a secret from `file` into `secret`; both given is an error. The error names the
+/// option and the file, never the content.
+fn read_secret_file(
+    option: &str,
+    secret: &mut Option<Secret>,
+    file: &Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    let Some(path) = file else {
+        return Ok(());
+    };
+    let invalid =
+        |why: String| ConfigError::Invalid(format!("{option}_file {}: {why}", path.display()));
+    if secret.is_some() {
+        return Err(invalid(format!("{option} is given too: give one")));
+    }
+    let file = std::fs::File::open(path).map_err(|e| invalid(format!("cannot read it: {e}")))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(file, MAX_SECRET_FILE_BYTES + 1),
+        &mut text,
+    )
+    .map_err(|e| invalid(format!("cannot read it as text: {e}")))?;
+    if text.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(invalid(format!(
+            "larger than {MAX_SECRET_FILE_BYTES} bytes"
+        )));
+    }
+    // Editors and `kubectl create secret --from-file` leave a final newline.
+    let text = text.trim_end_matches(['\n', '\r']);
+    if text.is_empty() {
+        return Err(invalid("it is empty".into()));
+    }
+    *secret = Some(Secret::new(text));
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -640,37 +914,126 @@ pub enum ConfigError {
     },
     #[error("invalid config: {0}")]
     Invalid(String),
+    #[error("invalid environment override {name}: {error}")]
+    Env { name: String, error: String },
+    #[error("invalid config with the environment overrides {names}: {error}")]
+    Overridden {
+        names: String,
+        error: Box<toml::de::Error>,
+    },
 }
 
+/// Environment variables that override options: `FRAMEHOST_<SECTION>__<KEY>=value` sets
+/// `section.key`, one `__` per level (`FRAMEHOST_CATALOGUE__DEFAULTS__MEMORY_MIB=128`,
+/// `FRAMEHOST_JOB_TYPES__TRACKING__PLUGIN=/plugins/tracker.wasm`). Names are lower-cased.
+/// A value is taken as text where the option is text, else read as a TOML value (`8`,
+/// `true`, `["a", "b"]`), falling back to text; quote it (`'"123"'`) to force text. Only
+/// names with a `__` are read, so `FRAMEHOST_CONFIG` and Kubernetes' service variables are
+/// not options.
+pub const ENV_PREFIX: &str = "FRAMEHOST_";
+
+/// The longest secret file read, in bytes.
+const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
+
 impl Config {
-    /// Reads a TOML file; plugin paths are resolved against the file's directory.
+    /// Reads a TOML file and applies the environment's overrides. Relative paths in it are
+    /// resolved against the file's directory; secret files are read.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
             error,
         })?;
-        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let parse_error = |error| ConfigError::Parse {
             path: path.display().to_string(),
-            error: Box::new(source),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for job_type in config.job_types.values_mut() {
-            if job_type.plugin.is_relative() {
-                job_type.plugin = base.join(&job_type.plugin);
-            }
+            error: Box::new(error),
+        };
+        let overrides = env_overrides();
+        let config = if overrides.is_empty() {
+            // Straight from the text, so that an error points at its line.
+            toml::from_str(&text).map_err(parse_error)?
+        } else {
+            let mut table: toml::Table = toml::from_str(&text).map_err(parse_error)?;
+            apply_overrides(&mut table, &overrides)?;
+            from_table(table, &overrides)?
+        };
+        config.finish(path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// The defaults with the environment's overrides, for commands run without a file.
+    /// Relative paths are resolved against the working directory.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let overrides = env_overrides();
+        let mut table = toml::Table::new();
+        apply_overrides(&mut table, &overrides)?;
+        from_table(table, &overrides)?.finish(Path::new("."))
+    }
+
+    /// [`load`](Self::load) the file if one is given, else [`from_env`](Self::from_env).
+    pub fn load_or_env(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            Some(path) => Self::load(path),
+            None => Self::from_env(),
         }
-        let catalogue = &mut config.catalogue;
-        for dir in [&mut catalogue.dir, &mut catalogue.cache_dir]
-            .into_iter()
-            .flatten()
-        {
-            if dir.is_relative() {
-                *dir = base.join(&*dir);
+    }
+
+    /// Resolves relative paths against `base`, reads secret files, validates.
+    fn finish(mut self, base: &Path) -> Result<Self, ConfigError> {
+        let resolve = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
             }
+        };
+        for job_type in self.job_types.values_mut() {
+            resolve(&mut job_type.plugin);
         }
-        config.livekit.apply_env();
-        config.validate()?;
-        Ok(config)
+        let nats = &mut self.nats;
+        let tls = &mut nats.tls;
+        [
+            &mut self.catalogue.dir,
+            &mut self.catalogue.cache_dir,
+            &mut self.livekit.api_secret_file,
+            &mut nats.credentials_file,
+            &mut nats.nkey_seed_file,
+            &mut nats.password_file,
+            &mut nats.token_file,
+            &mut tls.ca_file,
+            &mut tls.cert_file,
+            &mut tls.key_file,
+        ]
+        .into_iter()
+        .flatten()
+        .for_each(resolve);
+
+        read_secret_file(
+            "livekit.api_secret",
+            &mut self.livekit.api_secret,
+            &self.livekit.api_secret_file,
+        )?;
+        self.livekit.apply_env();
+        let nats = &mut self.nats;
+        read_secret_file("nats.password", &mut nats.password, &nats.password_file)?;
+        read_secret_file("nats.token", &mut nats.token, &nats.token_file)?;
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// A copy fit to print: secrets given inline show as `<redacted>`, and those read from
+    /// files are left out (their file is shown).
+    pub fn redacted(&self) -> Config {
+        let mut config = self.clone();
+        let redact = |secret: &mut Option<Secret>, file: &Option<PathBuf>| {
+            if file.is_some() {
+                *secret = None;
+            } else if secret.is_some() {
+                *secret = Some(Secret::new("<redacted>"));
+            }
+        };
+        let lk = &mut config.livekit;
+        redact(&mut lk.api_secret, &lk.api_secret_file);
+        let nats = &mut config.nats;
+        redact(&mut nats.password, &nats.password_file);
+        redact(&mut nats.token, &nats.token_file);
+        config
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -767,6 +1130,7 @@ impl Config {
                 .check(max_memory_mib)
                 .or_else(|e| invalid(format!("job_types.{name}: {e}")))?;
         }
+        self.nats.check_auth().or_else(invalid)?;
         let c = &self.catalogue;
         if !(50..=3_600_000).contains(&c.poll_interval_ms) {
             return invalid("catalogue.poll_interval_ms must be between 50 and 3600000".into());
@@ -785,7 +1149,52 @@ impl Config {
                 ));
             }
         }
+        if self.metrics.enabled && self.metrics.listen.port() == 0 {
+            return invalid(format!(
+                "metrics.listen {} needs a port: probes and scrapers must know where to look",
+                self.metrics.listen
+            ));
+        }
         Ok(())
+    }
+
+    /// The most memory a host may hold resident under this configuration: what sizes a
+    /// pod's memory limit (see docs/deployment.md).
+    pub fn memory_budget(&self) -> MemoryBudget {
+        let queue_depth = self
+            .job_types
+            .values()
+            .filter_map(|t| t.queue_depth)
+            .chain(self.catalogue.defaults.queue_depth)
+            .fold(self.host.queue_depth, usize::max) as u64;
+        let message = self.assembly.max_message_bytes as u64;
+        let sandbox = &self.sandbox;
+        MemoryBudget {
+            base: BASE_RESIDENT_BYTES,
+            jobs: self.host.max_jobs as u64,
+            per_job: vec![
+                ("plugin linear memory", sandbox.max_memory_mib << 20),
+                ("open data streams", self.streams.max_buffered_bytes as u64),
+                (
+                    "messages being assembled, and one assembled",
+                    self.assembly.max_buffered_bytes as u64 + message,
+                ),
+                (
+                    "decoded frames queued, and one in the call",
+                    (queue_depth + 1) * message,
+                ),
+                (
+                    "LiveKit packets queued",
+                    self.livekit.packet_queue_bytes as u64,
+                ),
+                (
+                    "results of one call, and plugin log",
+                    ((sandbox.max_results_per_call * sandbox.max_result_kib) as u64
+                        + sandbox.max_log_kib_per_job as u64)
+                        << 10,
+                ),
+            ],
+        }
     }
 
     pub fn sandbox_config(&self) -> SandboxConfig {
@@ -847,6 +1256,209 @@ mod tests {
         assert_eq!(config.livekit.retry_attempts, 10);
     }
 
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    }
+
+    fn overridden(file: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let overrides = vars(pairs);
+        let mut table: toml::Table = toml::from_str(file).unwrap();
+        apply_overrides(&mut table, &overrides)?;
+        from_table(table, &overrides)
+    }
+
+    #[test]
+    fn environment_overrides_reach_every_level_and_keep_text_as_text() {
+        let config = overridden(
+            "[host]\nmax_jobs = 2\nqueue_depth = 3\n",
+            &[
+                ("FRAMEHOST_HOST__MAX_JOBS", "6"),
+                ("FRAMEHOST_NATS__STREAM", "123"),
+                ("FRAMEHOST_NATS__URL", "tls://a:4222,tls://b:4222"),
+                ("FRAMEHOST_NATS__TLS__REQUIRED", "true"),
+                ("FRAMEHOST_CATALOGUE__NATS", "false"),
+                ("FRAMEHOST_CATALOGUE__DEFAULTS__ON_TRAP", "restart"),
+                ("FRAMEHOST_JOB_TYPES__TRACKING__PLUGIN", "/plugins/t.wasm"),
+                ("FRAMEHOST_LIVEKIT__API_SECRET_FILE", "/run/secrets/lk"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.host.max_jobs, 6);
+        assert_eq!(config.host.queue_depth, 3, "the file's other options stay");
+        assert_eq!(
+            config.nats.stream, "123",
+            "a text option takes digits as text"
+        );
+        assert_eq!(config.nats.url, "tls://a:4222,tls://b:4222");
+        assert!(config.nats.tls.required);
+        assert!(!config.catalogue.nats);
+        assert_eq!(config.catalogue.defaults.on_trap, TrapPolicy::Restart);
+        assert_eq!(
+            config.job_types["tracking"].plugin,
+            Path::new("/plugins/t.wasm")
+        );
+        assert_eq!(
+            config.livekit.api_secret_file.as_deref(),
+            Some(Path::new("/run/secrets/lk"))
+        );
+    }
+
+    #[test]
+    fn a_bad_override_names_its_variable() {
+        let message = |pairs: &[(&str, &str)]| overridden("", pairs).unwrap_err().to_string();
+        let typo = message(&[("FRAMEHOST_HOST__MAX_JOB", "6")]);
+        assert!(
+            typo.contains("FRAMEHOST_HOST__MAX_JOB") && typo.contains("unknown field `max_job`"),
+            "{typo}"
+        );
+        let not_a_number = message(&[("FRAMEHOST_HOST__MAX_JOBS", "lots")]);
+        assert!(not_a_number.contains("max_jobs"), "{not_a_number}");
+        let too_deep = message(&[("FRAMEHOST_HOST__MAX_JOBS__X", "1")]);
+        assert!(
+            too_deep.contains("FRAMEHOST_HOST__MAX_JOBS__X") && too_deep.contains("not a section"),
+            "{too_deep}"
+        );
+        let empty = message(&[("FRAMEHOST___X", "1")]);
+        assert!(empty.contains("empty option name"), "{empty}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_are_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("lk"), "lk-secret\n").unwrap();
+        std::fs::write(dir.path().join("pw"), "nats-password").unwrap();
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        let file = dir.path().join("framehost.toml");
+        let write = |text: &str| std::fs::write(&file, text).unwrap();
+
+        write(
+            "[livekit]\napi_key = \"k\"\napi_secret_file = \"lk\"\n\
+             [nats]\nuser = \"u\"\npassword_file = \"pw\"\n",
+        );
+        let config = Config::load(&file).unwrap();
+        assert_eq!(
+            config.livekit.api_secret.as_ref().unwrap().expose(),
+            "lk-secret"
+        );
+        assert_eq!(
+            config.nats.password().unwrap().unwrap().expose(),
+            "nats-password"
+        );
+        let printed = toml::to_string(&config.redacted()).unwrap();
+        assert!(!printed.contains("lk-secret") && !printed.contains("nats-password"));
+        assert!(printed.contains("api_secret_file"), "{printed}");
+
+        let error = |text: &str| {
+            write(text);
+            Config::load(&file).unwrap_err().to_string()
+        };
+        let both = error("[livekit]\napi_secret = \"x\"\napi_secret_file = \"lk\"\n");
+        assert!(both.contains("give one"), "{both}");
+        let missing = error("[nats]\ntoken_file = \"nope\"\n");
+        assert!(
+            missing.contains("nats.token_file") && missing.contains("nope"),
+            "{missing}"
+        );
+        let empty = error("[nats]\ntoken_file = \"empty\"\n");
+        assert!(empty.contains("empty"), "{empty}");
+        let two_ways = error("[nats]\ntoken = \"t\"\nuser = \"u\"\npassword = \"p\"\n");
+        assert!(two_ways.contains("one way to authenticate"), "{two_ways}");
+        let half_tls = error("[nats.tls]\ncert_file = \"lk\"\n");
+        assert!(half_tls.contains("go together"), "{half_tls}");
+    }
+
+    #[test]
+    fn the_example_file_names_every_option() {
+        // The defaults, with every optional option set so that it is serialized too.
+        let mut config = Config::default();
+        config.nats.credentials_file = Some("c".into());
+        config.nats.nkey_seed_file = Some("n".into());
+        config.nats.user = Some("u".into());
+        config.nats.password = Some(Secret::new("p"));
+        config.nats.password_file = Some("p".into());
+        config.nats.token = Some(Secret::new("t"));
+        config.nats.token_file = Some("t".into());
+        config.nats.tls.ca_file = Some("ca".into());
+        config.nats.tls.cert_file = Some("cert".into());
+        config.nats.tls.key_file = Some("key".into());
+        config.sandbox.max_instances = Some(8);
+        config.livekit.url = Some("wss://x".into());
+        config.livekit.api_key = Some("k".into());
+        config.livekit.api_secret = Some(Secret::new("s"));
+        config.livekit.api_secret_file = Some("s".into());
+        config.catalogue.dir = Some("d".into());
+        config.catalogue.cache_dir = Some("c".into());
+        config.catalogue.defaults.queue_depth = Some(8);
+        let mut options = Vec::new();
+        flatten("", &toml::Table::try_from(&config).unwrap(), &mut options);
+
+        // What the example names, commented out or not.
+        let example = include_str!("../../examples/framehost.toml");
+        let mut section = String::new();
+        let mut named = std::collections::BTreeSet::new();
+        for line in example.lines().map(str::trim) {
+            let line = line.trim_start_matches('#').trim();
+            if let Some(header) = line.strip_prefix('[') {
+                section = header.split(']').next().unwrap_or_default().to_owned();
+            } else if let Some((key, _)) = line.split_once('=')
+                && is_name(key.trim(), 64)
+            {
+                named.insert(format!("{section}.{}", key.trim()));
+            }
+        }
+        let missing: Vec<&String> = options.iter().filter(|o| !named.contains(*o)).collect();
+        assert!(
+            missing.is_empty(),
+            "examples/framehost.toml lacks {missing:?}"
+        );
+    }
+
+    fn flatten(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(inner) if path != "job_types" => flatten(&path, inner, out),
+                _ if path == "job_types" => {}
+                _ => out.push(path),
+            }
+        }
+    }
+
+    #[test]
+    fn the_memory_budget_follows_the_limits() {
+        let mut config = Config::default();
+        let budget = config.memory_budget();
+        assert_eq!(budget.jobs, 4);
+        assert_eq!(budget.total(), budget.base + 4 * budget.per_job_total());
+        config.host.max_jobs = 8;
+        config.sandbox.max_memory_mib = 128;
+        let bigger = config.memory_budget();
+        assert_eq!(
+            bigger.per_job_total(),
+            budget.per_job_total() - (128 << 20),
+            "plugin memory is counted at the sandbox's cap"
+        );
+        assert_eq!(bigger.jobs, 8);
+        config.job_types.insert(
+            "deep".into(),
+            JobTypeConfig {
+                queue_depth: Some(100),
+                ..JobTypeConfig::new("p.wasm")
+            },
+        );
+        let deep = config.memory_budget();
+        let frames =
+            |b: &MemoryBudget| b.per_job.iter().find(|p| p.0.contains("frames")).unwrap().1;
+        assert_eq!(frames(&deep), 101 * (32 << 20), "the deepest queue counts");
+    }
+
     #[test]
     fn a_room_job_needs_a_url_and_credentials() {
         let source: LiveKitSource = serde_json::from_str(r#"{"room": "r1"}"#).unwrap();
@@ -901,5 +1513,19 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn metrics_listen_on_9180_unless_told_otherwise() {
+        let config: Config = toml::from_str("").unwrap();
+        assert!(config.metrics.enabled);
+        assert_eq!(config.metrics.listen.to_string(), "0.0.0.0:9180");
+        let config: Config = toml::from_str("[metrics]\nlisten = \"127.0.0.1:0\"").expect("parses");
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("metrics.listen 127.0.0.1:0 needs a port"),
+            "{err}"
+        );
+        assert!(toml::from_str::<Config>("[metrics]\nlisten = \"nowhere\"").is_err());
     }
 }

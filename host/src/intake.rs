@@ -33,6 +33,8 @@ use tracing::Instrument as _;
 use crate::catalogue::{self, Catalogue};
 use crate::config::{Config, NatsConfig};
 use crate::job::{self, FailureKind, JobError, JobEvent, JobReport, JobSettings, JobSpec};
+use crate::metrics::{UNROUTED, metrics};
+use crate::ops::Readiness;
 
 /// Header carrying a result's frame index.
 pub const FRAME_HEADER: &str = "Framehost-Frame";
@@ -99,7 +101,7 @@ pub async fn connect(
     config: &NatsConfig,
     first: FirstConnect,
 ) -> anyhow::Result<async_nats::Client> {
-    let mut options = async_nats::ConnectOptions::new();
+    let mut options = auth_options(config).await?;
     if first == FirstConnect::Retry {
         tracing::info!(url = %config.url, "Connecting to NATS (retrying until it answers)");
         options = options.retry_on_initial_connect();
@@ -131,6 +133,38 @@ fn server_urls(url: &str) -> Vec<&str> {
         .map(str::trim)
         .filter(|url| !url.is_empty())
         .collect()
+}
+
+/// The client options for the configured credentials and TLS. Secrets go to the client
+/// and nowhere else.
+async fn auth_options(config: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions> {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(path) = &config.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("cannot read nats.credentials_file {}", path.display()))?;
+    }
+    if let Some(seed) = config.nkey_seed()? {
+        options = options.nkey(seed.expose().to_owned());
+    }
+    if let (Some(user), Some(password)) = (&config.user, config.password()?) {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    }
+    if let Some(token) = config.token()? {
+        options = options.token(token.expose().to_owned());
+    }
+    let tls = &config.tls;
+    if tls.required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &tls.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
 }
 
 /// Creates the jobs stream, the dead-letter stream and the shared consumer if missing.
@@ -203,16 +237,19 @@ pub async fn ensure_streams(
 }
 
 /// Pulls and runs jobs until `shutdown` is cancelled, then lets running jobs finish within
-/// `host.shutdown_grace_secs` and hands the rest back to the queue.
+/// `host.shutdown_grace_secs` and hands the rest back to the queue. Tells `readiness` when
+/// NATS is connected and the plugins are loaded.
 pub async fn serve(
     config: Arc<Config>,
     catalogue: Arc<Catalogue>,
     shutdown: CancellationToken,
+    readiness: Arc<Readiness>,
 ) -> anyhow::Result<()> {
     let client = tokio::select! {
         client = connect(&config.nats, FirstConnect::Retry) => client?,
         _ = shutdown.cancelled() => return Ok(()),
     };
+    readiness.nats_connected(&client);
     let js = jetstream::new(client.clone());
     let consumer = tokio::select! {
         consumer = ensure_streams(&js, &config.nats) => consumer?,
@@ -222,7 +259,7 @@ pub async fn serve(
     // Subscribed before the first pull, so that no job given up on while this host runs is
     // missed.
     let given_up = tokio::select! {
-        watcher = watch_max_deliveries(client.clone(), js.clone(), config.clone()) => watcher?,
+        watcher = watch_max_deliveries(client.clone(), js.clone(), config.clone(), catalogue.clone()) => watcher?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     // The catalogue's cluster side: routes pushed with `plugin push`, and this replica's
@@ -257,6 +294,7 @@ pub async fn serve(
         _ = catalogue.ready() => {}
         _ = shutdown.cancelled() => return Ok(()),
     }
+    readiness.routes_loaded();
     let loaded = catalogue.status();
     let refused: Vec<_> = loaded
         .routes
@@ -372,6 +410,7 @@ async fn watch_max_deliveries(
     client: async_nats::Client,
     js: jetstream::Context,
     config: Arc<Config>,
+    catalogue: Arc<Catalogue>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let nats = &config.nats;
     let advisories_name = format!("{}_GIVEN_UP", nats.stream);
@@ -431,7 +470,11 @@ async fn watch_max_deliveries(
                     continue;
                 }
             };
-            let job_id = JobSpec::parse(&job.payload).ok().map(|spec| spec.id);
+            let spec = JobSpec::parse(&job.payload).ok();
+            let job_type = spec
+                .as_ref()
+                .map_or(UNROUTED, |spec| job_type_label(&catalogue, &spec.job_type));
+            let job_id = spec.as_ref().map(|spec| spec.id.clone());
             let key = job_id.clone().unwrap_or_else(|| format!("seq-{seq}"));
             let error = format!(
                 "no host finished the job in {} deliveries (each host running it died or lost its connection)",
@@ -462,6 +505,7 @@ async fn watch_max_deliveries(
             jobs.delete_message(seq).await.ok();
             message.ack().await.ok();
             tracing::error!(job_id = %key, deliveries = advisory.deliveries, "Job given up on by JetStream; dead-lettered");
+            metrics().job_failed(job_type, "max_deliveries");
             if let Some(job_id) = job_id {
                 let status = JobStatus {
                     job_id,
@@ -517,6 +561,7 @@ impl Runner {
             Ok(spec) => spec,
             Err(error) => {
                 tracing::error!(subject = %message.subject, error = %error, "Job refused");
+                metrics().job_failed(UNROUTED, error.reason);
                 self.dead_letter(&message, None, &error, delivery).await;
                 return;
             }
@@ -587,6 +632,8 @@ impl Runner {
             return;
         };
 
+        let _running = metrics().job_started(&spec.job_type);
+
         // Subscribed before `Started` is published, so that a stop request sent as soon as
         // the job is seen to start is not lost.
         let control = self.client.subscribe(nats.control_subject(&spec.id)).await;
@@ -610,7 +657,7 @@ impl Runner {
             let by_shutdown = by_shutdown.clone();
             let client = self.client.clone();
             let host = self.host.clone();
-            tokio::spawn(async move {
+            spawn_in_span(async move {
                 let mut control = control.ok();
                 loop {
                     tokio::select! {
@@ -647,7 +694,7 @@ impl Runner {
         let heartbeat = {
             let acker = message.clone();
             let every = self.ack_wait.div_f64(3.0);
-            tokio::spawn(async move {
+            spawn_in_span(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.tick().await;
                 loop {
@@ -665,7 +712,7 @@ impl Runner {
             let results_subject = nats.results_subject(&spec.id);
             let status_subject = nats.status_subject(&spec.id);
             let progress = status(JobState::Progress);
-            tokio::spawn(async move {
+            spawn_in_span(async move {
                 while let Some(event) = events_rx.recv().await {
                     match event {
                         JobEvent::Result { frame, result } => {
@@ -709,6 +756,7 @@ impl Runner {
 
         match outcome {
             Ok(report) if report.stopped && by_shutdown.load(Ordering::SeqCst) => {
+                metrics().job_requeued(&spec.job_type);
                 tracing::info!(
                     frames_processed = report.frames_processed,
                     "Job handed back to the queue"
@@ -740,6 +788,7 @@ impl Runner {
                         "finished"
                     }
                 );
+                metrics().job_finished(&spec.job_type);
                 // Status first: once acked, a watcher may stop listening.
                 self.publish_status(&JobStatus {
                     report: Some(report),
@@ -760,6 +809,10 @@ impl Runner {
         delivery: i64,
         error: JobError,
     ) {
+        metrics().job_failed(
+            job_type_label(&self.catalogue, &spec.job_type),
+            error.reason,
+        );
         let last_delivery = delivery >= self.config.nats.max_deliver;
         let will_retry = error.kind == FailureKind::Transient && !last_delivery;
         tracing::error!(
@@ -847,6 +900,15 @@ impl Runner {
     }
 }
 
+/// The `job_type` label of a job: its type if some source routes it, else [`UNROUTED`].
+fn job_type_label<'a>(catalogue: &Catalogue, job_type: &'a str) -> &'a str {
+    if catalogue.is_wanted(job_type) {
+        job_type
+    } else {
+        UNROUTED
+    }
+}
+
 /// Acks, naks or terminates, retrying through a NATS reconnect for up to a minute. An ack or
 /// a term waits for JetStream to confirm it, through a consumer leader election too: lost,
 /// it would run the job again. A nak is only sent: lost, the job comes back after
@@ -899,6 +961,15 @@ fn clone_kind(kind: &AckKind) -> AckKind {
         AckKind::Next => AckKind::Next,
         AckKind::Term => AckKind::Term,
     }
+}
+
+/// Spawns a task of the current job, in its span: its log lines carry the job's id.
+fn spawn_in_span<F>(task: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(task.in_current_span())
 }
 
 fn one_line(text: &str) -> String {

@@ -29,6 +29,7 @@ use crate::capture::CaptureReader;
 use crate::config::{Config, Limits, LiveKitConfig, TrapPolicy};
 use crate::decode::{self, DecodeError, DecodeLimits, Frame};
 use crate::livekit::{self, LiveKitReport, LiveKitSource, LiveKitStats, PacketQueue, SessionError};
+use crate::metrics::{self, GaugeShare};
 use crate::queue::FrameQueue;
 use crate::sandbox::{CallError, JobInfo, Plugin, PluginLimits, PluginResult, Processor};
 use crate::source::{self, Pacing, PacketSink, SourceSpec};
@@ -236,7 +237,7 @@ pub async fn run(
     stop: CancellationToken,
 ) -> Result<JobReport, JobError> {
     let started = Instant::now();
-    let counters = Arc::new(JobCounters::default());
+    let counters = Arc::new(JobCounters::new(metrics::metrics().job(&spec.job_type)));
     let queue = Arc::new(FrameQueue::<Assembled>::new(settings.queue_depth));
     let info = JobInfo {
         job_id: spec.id.clone(),
@@ -281,10 +282,13 @@ pub async fn run(
         let queue = queue.clone();
         let path_stop = path_stop.clone();
         let runtime = tokio::runtime::Handle::current();
+        // The job's span (its id and type) follows the path onto its thread.
+        let span = tracing::Span::current();
         let livekit = livekit_stats
             .clone()
             .map(|stats| (settings.livekit.clone(), stats));
         tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
             let outcome = feed(&source, path, &queue, &path_stop, &runtime, livekit);
             queue.close();
             outcome
@@ -307,7 +311,7 @@ pub async fn run(
     // Whatever happened, the path is told to stop and is waited for: no task outlives the job.
     path_stop.cancel();
     let discarded = queue.close_and_clear() as u64;
-    JobCounters::add(&counters.frames_dropped, discarded);
+    counters.drop_frames(discarded);
     // A source blocked in a read cannot see the stop: the job ends without it rather than
     // holding its slot. The thread exits when the read returns; the queue it would fill is
     // closed and its buffers stay bounded.
@@ -350,6 +354,10 @@ pub async fn run(
         processor.memory_peak(),
         processor.results_dropped(),
     );
+    counters
+        .metrics
+        .plugin_memory_peak
+        .observe(report.plugin_memory_peak_bytes as f64);
     match finished {
         Ok(Ok(text)) => {
             report.summary = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
@@ -437,7 +445,10 @@ impl PluginSide<'_> {
                 },
             };
             let index = message.index;
-            let frame = match message.decode(&self.settings.decode) {
+            let decoding = Instant::now();
+            let decoded = message.decode(&self.settings.decode);
+            metrics::observe(&self.counters.metrics.decode_seconds, decoding.elapsed());
+            let frame = match decoded {
                 Ok(frame) => frame,
                 Err(error) => {
                     let detail = format!(
@@ -449,8 +460,14 @@ impl PluginSide<'_> {
                 }
             };
             JobCounters::add(&self.counters.image_bytes, frame.image_bytes() as u64);
-            match self.processor.process(frame).await {
-                Ok(()) => JobCounters::add(&self.counters.frames_processed, 1),
+            let calling = Instant::now();
+            let processed = self.processor.process(frame).await;
+            metrics::observe(
+                &self.counters.metrics.plugin_call_seconds,
+                calling.elapsed(),
+            );
+            match processed {
+                Ok(()) => self.counters.frame_processed(),
                 Err(CallError::Returned(message)) => {
                     self.counters.reject(self.job_id, "plugin_error", &message);
                 }
@@ -592,9 +609,10 @@ fn feed_room(
         let counters = path.counters.clone();
         let session_stop = session_stop.clone();
         let session_config = job.session.clone();
-        runtime.spawn(async move {
+        let session = async move {
             livekit::session::run(&session_config, &packets, &stats, &counters, &session_stop).await
-        })
+        };
+        runtime.spawn(tracing::Instrument::in_current_span(session))
     };
 
     let started = Instant::now();
@@ -776,11 +794,11 @@ fn sink_messages(
             if !pushed {
                 // The job is ending: this message and the rest never reach the plugin.
                 let lost = 1 + messages.len() as u64;
-                JobCounters::add(&path.counters.frames_dropped, lost);
+                path.counters.drop_frames(lost);
                 return;
             }
         } else if queue.push(message).is_some() {
-            JobCounters::add(&path.counters.frames_dropped, 1);
+            path.counters.drop_frames(1);
             path.counters.warn(
                 &path.job_id,
                 "queue_full",
@@ -819,6 +837,9 @@ pub struct Path {
     next_index: u64,
     stream_events: Vec<StreamEvent>,
     assembly_events: Vec<AssemblyEvent>,
+    /// This job's part of `framehost_stage_bytes_held`.
+    stream_bytes: GaugeShare,
+    assembly_bytes: GaugeShare,
 }
 
 impl Path {
@@ -828,11 +849,15 @@ impl Path {
         counters: Arc<JobCounters>,
         started: Instant,
     ) -> Self {
+        let stream_bytes = GaugeShare::new(counters.metrics.stream_bytes_held.clone());
+        let assembly_bytes = GaugeShare::new(counters.metrics.assembly_bytes_held.clone());
         Self {
             job_id,
             streams: DataStreams::new(settings.streams.clone()),
             assembler: Assembler::new(settings.assembly.clone()),
             counters,
+            stream_bytes,
+            assembly_bytes,
             started,
             next_index: 0,
             stream_events: Vec::new(),
@@ -916,7 +941,11 @@ impl Path {
         for event in self.assembly_events.drain(..) {
             match event {
                 AssemblyEvent::Message(message) => {
-                    JobCounters::add(&self.counters.frames_in, 1);
+                    self.counters.frame_received();
+                    metrics::observe(
+                        &self.counters.metrics.assembly_seconds,
+                        now.saturating_duration_since(message.first_part_at),
+                    );
                     let received_ms = message
                         .first_part_at
                         .saturating_duration_since(self.started)
@@ -940,5 +969,7 @@ impl Path {
                 }
             }
         }
+        self.stream_bytes.set(self.streams.bytes_held() as u64);
+        self.assembly_bytes.set(self.assembler.bytes_held() as u64);
     }
 }

@@ -18,6 +18,8 @@ pub mod decode;
 pub mod intake;
 pub mod job;
 pub mod livekit;
+pub mod metrics;
+pub mod ops;
 pub mod queue;
 pub mod sandbox;
 pub mod source;

@@ -29,6 +29,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::decode;
+use crate::metrics::GaugeShare;
 
 wasmtime::component::bindgen!({
     path: "../wit",
@@ -399,6 +400,12 @@ impl Plugin {
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }));
 
+        // A trial instance (no job type) is not a running job's memory.
+        let memory_gauge = if job.job_type.is_empty() {
+            Default::default()
+        } else {
+            crate::metrics::metrics().plugin_memory(&job.job_type)
+        };
         let state = PluginState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -406,6 +413,8 @@ impl Plugin {
             output,
             memory_limit,
             memory_peak: 0,
+            memory_bytes: 0,
+            memory: GaugeShare::new(memory_gauge),
             memory_refused: None,
             call_started: Instant::now(),
             call_deadline: limits.call_deadline,
@@ -589,6 +598,11 @@ struct PluginState {
     output: Arc<Mutex<OutputState>>,
     memory_limit: u64,
     memory_peak: u64,
+    /// Linear memory of all the instance's memories.
+    memory_bytes: u64,
+    /// This instance's part of `framehost_plugin_memory_bytes`, given back when the store
+    /// is dropped.
+    memory: GaugeShare,
     /// Set when a growth past the limit was refused: the size asked for.
     memory_refused: Option<u64>,
     call_started: Instant,
@@ -620,7 +634,7 @@ impl WasiView for PluginState {
 impl ResourceLimiter for PluginState {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -635,6 +649,11 @@ impl ResourceLimiter for PluginState {
             )));
         }
         self.memory_peak = self.memory_peak.max(desired);
+        // Called for every memory of the instance: for a new one with `current` 0. A
+        // component may have several (its adapters' among them), so the instance's memory
+        // is the sum of their growths.
+        self.memory_bytes += desired.saturating_sub(current as u64);
+        self.memory.set(self.memory_bytes);
         Ok(true)
     }
 

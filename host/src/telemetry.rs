@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use tracing_subscriber::EnvFilter;
 
+use crate::metrics::JobMetrics;
+
 /// Shortest time between two warnings for the same reason in the same job.
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -34,6 +36,9 @@ pub fn init_logging(json: bool, default_filter: &str) {
 }
 
 /// What happened to one job's frames, shared by the job's source and plugin tasks.
+///
+/// The job's report reads these; the process's metrics are fed through [`JobCounters::metrics`]
+/// alongside, rejections here.
 #[derive(Default)]
 pub struct JobCounters {
     pub packets_in: AtomicU64,
@@ -46,6 +51,7 @@ pub struct JobCounters {
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     ignored: Mutex<BTreeMap<&'static str, u64>>,
     warnings: Mutex<BTreeMap<&'static str, WarnState>>,
+    pub metrics: JobMetrics,
 }
 
 struct WarnState {
@@ -54,8 +60,34 @@ struct WarnState {
 }
 
 impl JobCounters {
+    /// Counters of a job whose frames also count in the process's metrics through `metrics`.
+    pub fn new(metrics: JobMetrics) -> Self {
+        Self {
+            metrics,
+            ..Self::default()
+        }
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A whole message came out of assembly.
+    pub fn frame_received(&self) {
+        Self::add(&self.frames_in, 1);
+        self.metrics.frames_received.inc();
+    }
+
+    /// The plugin processed a frame without error.
+    pub fn frame_processed(&self) {
+        Self::add(&self.frames_processed, 1);
+        self.metrics.frames_processed.inc();
+    }
+
+    /// `n` frames were evicted from the queue or discarded at the job's end.
+    pub fn drop_frames(&self, n: u64) {
+        Self::add(&self.frames_dropped, n);
+        self.metrics.frames_dropped.inc_by(n);
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {
@@ -70,6 +102,7 @@ impl JobCounters {
             .expect("counters lock")
             .entry(reason)
             .or_insert(0) += 1;
+        self.metrics.rejected(reason);
         self.warn(job_id, reason, &format_args!("Frame rejected: {detail}"));
     }
 

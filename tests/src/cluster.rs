@@ -55,6 +55,8 @@ pub struct Cluster {
     /// The configuration hosts are started with; tests adjust it before starting one.
     pub config: Config,
     pub scratch: TempDir,
+    /// Environment variables hosts are started with, besides the harness's own.
+    pub host_env: Vec<(String, String)>,
     hosts: Vec<HostProcess>,
 }
 
@@ -99,6 +101,7 @@ impl Cluster {
             js,
             config,
             scratch,
+            host_env: Vec::new(),
             hosts: Vec::new(),
         }
     }
@@ -121,7 +124,7 @@ impl Cluster {
     /// Starts `framehost serve` with the current configuration and `HOSTNAME=name`, and
     /// waits until it pulls jobs. Returns its index for [`Cluster::host`].
     pub async fn start_host(&mut self, name: &str) -> usize {
-        let host = HostProcess::start(name, &self.config)
+        let host = HostProcess::start_with_env(name, &self.config, &self.host_env)
             .unwrap_or_else(|e| self.fail(format!("cannot start host {name}: {e:#}")));
         self.hosts.push(host);
         let index = self.hosts.len() - 1;

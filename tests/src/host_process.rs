@@ -10,7 +10,8 @@ use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
 use crate::artifacts;
-use crate::nats_server::tail;
+use crate::nats_server::{free_port, tail};
+use crate::scrape::{self, Answer, Scrape};
 
 /// A running `framehost serve`. Its config and log live in a temporary directory; dropping
 /// it kills the process.
@@ -18,19 +19,34 @@ pub struct HostProcess {
     name: String,
     child: Child,
     dir: TempDir,
+    metrics_port: u16,
 }
 
 impl HostProcess {
     /// Writes `config` as TOML and starts `framehost serve --config FILE` with
     /// `HOSTNAME=name`, so that its status messages say which host ran a job. Output goes to
-    /// a log file (see [`HostProcess::log_tail`]).
+    /// a log file (see [`HostProcess::log_tail`]). Its metrics endpoint listens on a free
+    /// port of 127.0.0.1 of its own ([`HostProcess::metrics_port`]).
     pub fn start(name: &str, config: &Config) -> anyhow::Result<Self> {
+        Self::start_with_env(name, config, &[])
+    }
+
+    /// [`HostProcess::start`], with `env` added to its environment.
+    pub fn start_with_env(
+        name: &str,
+        config: &Config,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
+        let metrics_port = free_port()?;
+        let mut config = config.clone();
+        config.metrics.enabled = true;
+        config.metrics.listen = ([127, 0, 0, 1], metrics_port).into();
         let dir = tempfile::Builder::new()
             .prefix(&format!("framehost-host-{name}-"))
             .tempdir()
             .context("cannot create the host's directory")?;
         let config_path = dir.path().join("framehost.toml");
-        let toml = toml::to_string(config).context("cannot write the config as TOML")?;
+        let toml = toml::to_string(&config).context("cannot write the config as TOML")?;
         std::fs::write(&config_path, toml)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
 
@@ -45,6 +61,8 @@ impl HostProcess {
             .env("RUST_LOG", "info,wasmtime=warn,cranelift=warn")
             .env_remove("FRAMEHOST_NATS_URL")
             .env_remove("FRAMEHOST_CONFIG")
+            .env_remove("FRAMEHOST_LOG_JSON")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             // The host's LiveKit settings come from the test's config only.
             .env_remove("LIVEKIT_API_KEY")
             .env_remove("LIVEKIT_API_SECRET")
@@ -66,7 +84,27 @@ impl HostProcess {
             name: name.to_owned(),
             child,
             dir,
+            metrics_port,
         })
+    }
+
+    /// The port of its `/metrics`, `/healthz` and `/readyz`, on 127.0.0.1.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
+    /// `GET path` on its metrics endpoint.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
+        scrape::get(self.metrics_port, path).await
+    }
+
+    /// Its metrics now.
+    pub async fn scrape(&self) -> anyhow::Result<Scrape> {
+        let answer = self.get("/metrics").await?;
+        if answer.status != 200 {
+            bail!("GET /metrics answered {}: {}", answer.status, answer.body);
+        }
+        Scrape::parse(&answer.body)
     }
 
     /// The process id, while it runs.

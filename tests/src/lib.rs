@@ -8,6 +8,8 @@
 //! - [`artifacts`]: where the binary and the plugins are, built before the tests run.
 //! - [`captures`]: small synthetic capture files.
 //! - [`catalogue`]: `framehost plugin` commands, replica status and plugin variants.
+//! - [`scrape`]: a host's `/metrics`, `/healthz` and `/readyz`, and the Prometheus text
+//!   format read into samples.
 //! - [`livekit`]: a LiveKit server double that speaks the real protocol, and a stream generator
 //!   that plays the upstream vision service through it.
 //!
@@ -22,8 +24,11 @@ mod host_process;
 mod jobs;
 pub mod livekit;
 mod nats_server;
+pub mod scrape;
+mod secure_nats;
 
 pub use cluster::{Cluster, JOB_WAIT, SUBMIT_IN_FLIGHT, within};
 pub use host_process::HostProcess;
 pub use jobs::{JobResult, JobWatch, StatusFeed};
 pub use nats_server::NatsServer;
+pub use secure_nats::SecureNats;

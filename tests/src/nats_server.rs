@@ -423,7 +423,7 @@ async fn jetstream_answers(url: &str) -> bool {
         .is_ok_and(|answer| answer.get("error").is_none() && answer.get("limits").is_some())
 }
 
-fn find_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn find_binary() -> anyhow::Result<PathBuf> {
     let on_path = std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
         .unwrap_or_default();
@@ -433,6 +433,11 @@ fn find_binary() -> anyhow::Result<PathBuf> {
         .map(|dir| dir.join("nats-server"))
         .find(|path| path.is_file())
         .context("nats-server not found: run scripts/test, which installs it")
+}
+
+/// A port nothing listens on now: bound on port 0, then released for the server.
+pub(crate) fn free_port() -> anyhow::Result<u16> {
+    Ok(free_ports(1)?[0])
 }
 
 /// `count` distinct ports nothing listens on now: bound on port 0 together, then released

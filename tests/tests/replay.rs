@@ -420,3 +420,69 @@ async fn config_check_prints_the_effective_configuration_without_secrets() {
         text(&out.stderr)
     );
 }
+
+/// What a Kubernetes pod does: the file from a ConfigMap, a few options and the secrets'
+/// file paths from the environment.
+#[tokio::test]
+async fn config_check_applies_environment_overrides_and_reads_secret_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("framehost.toml");
+    std::fs::write(&file, "[host]\nmax_jobs = 2\n").unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "pa55-word\n").unwrap();
+    let check = |env: Vec<(&'static str, String)>| {
+        let mut command = tokio::process::Command::new(artifacts::framehost_bin());
+        command.args(["config", "check"]).arg(&file).envs(env);
+        async move {
+            within(
+                COMMAND,
+                "framehost config check",
+                String::new,
+                command.output(),
+            )
+            .await
+            .expect("framehost runs")
+        }
+    };
+
+    let out = check(vec![
+        ("FRAMEHOST_HOST__MAX_JOBS", "3".into()),
+        ("FRAMEHOST_NATS__USER", "framehost".into()),
+        (
+            "FRAMEHOST_NATS__PASSWORD_FILE",
+            password.display().to_string(),
+        ),
+        ("FRAMEHOST_CATALOGUE__DEFAULTS__MEMORY_MIB", "32".into()),
+    ])
+    .await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let printed: framehost::config::Config =
+        toml::from_str(&stdout).expect("the output is a configuration");
+    assert_eq!(
+        printed.host.max_jobs, 3,
+        "the environment wins over the file"
+    );
+    assert_eq!(printed.catalogue.defaults.memory_mib, 32);
+    assert_eq!(printed.nats.user.as_deref(), Some("framehost"));
+    assert!(
+        !stdout.contains("pa55-word"),
+        "the password leaked:\n{stdout}"
+    );
+    // The budget printed is the one the library computes for the same configuration.
+    let budget = printed.memory_budget();
+    let line = format!(
+        "memory budget (worst case resident): {} MiB",
+        budget.total().div_ceil(1 << 20)
+    );
+    assert!(stdout.contains(&line), "{line:?} not in:\n{stdout}");
+    assert!(stdout.contains("3 jobs x"), "{stdout}");
+
+    let out = check(vec![("FRAMEHOST_HOST__MAX_JOB", "3".into())]).await;
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("FRAMEHOST_HOST__MAX_JOB") && stderr.contains("max_jobs"),
+        "the error names the variable and what it could be:\n{stderr}"
+    );
+}

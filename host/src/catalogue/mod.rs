@@ -257,6 +257,16 @@ impl Catalogue {
             .collect()
     }
 
+    /// The version new jobs of each routed type start on: (job type, digest). Cheaper than
+    /// [`Catalogue::status`], which also reads the compile cache's directory.
+    pub fn serving(&self) -> Vec<(String, String)> {
+        let routes = self.routes.read().expect("routes lock");
+        routes
+            .iter()
+            .map(|(job_type, route)| (job_type.clone(), route.plugin.digest().to_owned()))
+            .collect()
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("catalogue state lock")
     }

@@ -111,13 +111,6 @@ pub async fn run(command: PluginCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
-    Ok(match path {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    })
-}
-
 /// Runs the host's loading steps on `bytes`; the refusal names the step.
 async fn verify(config: &Config, name: &str, bytes: &[u8]) -> Result<Plugin, Refusal> {
     check_bytes(bytes, None)?;
@@ -156,7 +149,7 @@ async fn read(file: &Path, max_bytes: u64) -> anyhow::Result<(String, Vec<u8>)> 
 }
 
 async fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let config = load_config(args.config.as_deref())?;
+    let config = Config::load_or_env(args.config.as_deref())?;
     let (name, bytes) = read(&args.file, config.catalogue.max_plugin_mib << 20).await?;
     println!("file      {}", args.file.display());
     println!("size      {} bytes", bytes.len());
@@ -261,7 +254,7 @@ fn whoami() -> String {
 }
 
 async fn connect(args: &NatsArgs) -> anyhow::Result<(Config, Buckets)> {
-    let mut config = load_config(args.config.as_deref())?;
+    let mut config = Config::load_or_env(args.config.as_deref())?;
     if let Some(url) = &args.nats {
         config.nats.url = url.clone();
     }
@@ -280,7 +273,7 @@ fn short(digest: &str) -> &str {
 }
 
 async fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
-    let mut config = load_config(args.nats.config.as_deref())?;
+    let mut config = Config::load_or_env(args.nats.config.as_deref())?;
     let (name, bytes) = read(&args.file, config.catalogue.max_plugin_mib << 20).await?;
     let patch = LimitsPatch {
         memory_mib: args.memory_mib,
