@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use framehost::config::Config;
 use framehost::intake::{JobState, JobStatus};
 use framehost::job::JobSpec;
 use framehost_tests::{Cluster, JOB_WAIT, StatusFeed, artifacts, captures, within};
@@ -308,18 +307,26 @@ const BURST_WAIT: Duration = Duration::from_secs(900);
 
 /// A thousand short jobs submitted at once to two hosts with `max_jobs = 4`: every job
 /// finishes exactly once, neither host ever runs more than four at a time, the queue
-/// drains, and each host's peak resident memory stays within what its configuration bounds.
+/// drains, and each host's peak resident memory stays within its configuration's memory
+/// budget (`Config::memory_budget`, which `framehost config check` prints).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_jobs_at_once_stay_within_max_jobs_and_memory() {
     let mut c = Cluster::start().await;
     c.config.host.max_jobs = 4;
-    // Bounds sized for this drill's small frames, so that the memory bound means something.
+    // Bounds sized for this drill's small frames and results, so that the memory budget
+    // they add up to means something.
     c.config.streams.max_stream_bytes = 1 << 20;
     c.config.streams.max_buffered_bytes = 1 << 20;
     c.config.assembly.max_message_bytes = 1 << 20;
     c.config.assembly.max_open_messages = 4;
+    c.config.assembly.max_buffered_bytes = 1 << 20;
     c.config.livekit.packet_queue_bytes = 1 << 20;
-    c.serve_job_type("track", artifacts::tracker()).memory_mib = Some(16);
+    c.config.sandbox.max_memory_mib = 16;
+    c.config.sandbox.max_results_per_call = 4;
+    c.config.sandbox.max_result_kib = 64;
+    c.config.sandbox.max_log_kib_per_job = 64;
+    c.config.catalogue.defaults.memory_mib = 16;
+    c.serve_job_type("track", artifacts::tracker());
     // Three frames of about 2 KiB, read as fast as the host goes: each job is short.
     let capture = c.capture("tiny", &captures::options(3, 2, 1, 10.0));
     let a = c.start_host("host-a").await;
@@ -348,10 +355,10 @@ async fn a_thousand_jobs_at_once_stay_within_max_jobs_and_memory() {
 
     check_each_finished_once(&c, &feed.seen, &jobs);
     let busiest = most_at_once(&feed.seen);
-    let bound = rss_bound_from_config(&c.config);
+    let bound = c.config.memory_budget().total();
     let mut report = format!(
         "{BURST} jobs: stored in {stored_after:?}, all finished in {took:?}; \
-         RSS bound {} MiB",
+         memory budget {} MiB",
         bound >> 20
     );
     for host in [a, b] {
@@ -377,7 +384,7 @@ async fn a_thousand_jobs_at_once_stay_within_max_jobs_and_memory() {
         );
         c.check(
             peak <= bound,
-            format!("{name}: peak RSS {peak} bytes is over the bound {bound}"),
+            format!("{name}: peak RSS {peak} bytes is over the memory budget, {bound} bytes"),
         );
     }
     eprintln!("{report}");
@@ -405,34 +412,6 @@ fn most_at_once(seen: &[JobStatus]) -> BTreeMap<&str, usize> {
         *peak = (*peak).max(now);
     }
     most
-}
-
-/// Resident memory a debug host may hold besides its jobs: the binary, the runtime, the
-/// wasmtime engine, and compiling the plugins. Measured on two cores: a peak of 84 MiB on a
-/// host that compiles the tracker, 60 MiB on one that loads it from the cache; compiling
-/// on more cores takes more.
-const HOST_BASE_BYTES: u64 = 128 << 20;
-
-/// The most a host may hold resident under `config`: its base plus, for each of
-/// `host.max_jobs` slots, everything a job's bounds let it hold — plugin memory, the
-/// data-stream buffer, the messages being assembled, the decoded frames queued for the
-/// plugin (each at most one message), and the LiveKit packet queue.
-///
-/// Stands in for `Config::memory_budget()`, which is on its way to main.
-fn rss_bound_from_config(config: &Config) -> u64 {
-    let defaults = &config.catalogue.defaults;
-    let limits = config.job_types.values().map(|t| t.limits(defaults));
-    let (plugin, depth) = limits.fold((0, 0), |(memory, depth), l| {
-        let queue = l.queue_depth.unwrap_or(config.host.queue_depth);
-        (memory.max(l.plugin_limits().memory_bytes), depth.max(queue))
-    });
-    let message = config.assembly.max_message_bytes as u64;
-    let per_job = plugin
-        + config.streams.max_buffered_bytes as u64
-        + config.assembly.max_open_messages as u64 * message
-        + depth as u64 * message
-        + config.livekit.packet_queue_bytes as u64;
-    HOST_BASE_BYTES + config.host.max_jobs as u64 * per_job
 }
 
 /// The peak resident set of process `pid` (`VmHWM`), in bytes.
