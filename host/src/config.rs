@@ -77,6 +77,11 @@ pub struct NatsConfig {
     /// Stream where permanently failed jobs are kept for operators, with the reason.
     /// Default `FRAMEHOST_DEAD`.
     pub dead_letter_stream: String,
+    /// JetStream replicas of the streams and buckets framehost creates (jobs, dead letters,
+    /// given-up advisories, catalogue KV and object store). 1 for a single server, 3 for a
+    /// cluster; 1 to 5. Streams that already exist keep the replicas they were made with.
+    /// Default 1.
+    pub replicas: usize,
 }
 
 impl Default for NatsConfig {
@@ -98,6 +103,7 @@ impl Default for NatsConfig {
             max_deliver: 5,
             nak_delay_secs: 5,
             dead_letter_stream: "FRAMEHOST_DEAD".into(),
+            replicas: 1,
         }
     }
 }
@@ -1098,6 +1104,10 @@ impl Config {
                 return invalid(format!("{name} must be between {low} and {high}"));
             }
         }
+        // JetStream replicates a stream to at most five servers.
+        if !(1..=5).contains(&self.nats.replicas) {
+            return invalid("nats.replicas must be between 1 and 5".into());
+        }
         if let Some(slots) = self.sandbox.max_instances
             && (slots as usize) < self.host.max_jobs
         {
@@ -1485,6 +1495,24 @@ mod tests {
             toml::from_str("[job_types.t]\nplugin = \"p.wasm\"\nmemory_mib = 4096").unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("job_types.t: memory_mib 4096"), "{err}");
+    }
+
+    #[test]
+    fn replicas_are_one_to_five() {
+        let replicas = |n: usize| {
+            let mut config = Config::default();
+            config.nats.replicas = n;
+            config.validate()
+        };
+        assert_eq!(Config::default().nats.replicas, 1);
+        assert!(replicas(3).is_ok() && replicas(5).is_ok());
+        for n in [0, 6] {
+            let err = replicas(n).unwrap_err().to_string();
+            assert!(
+                err.contains("nats.replicas must be between 1 and 5"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

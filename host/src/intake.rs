@@ -121,9 +121,18 @@ pub async fn connect(
                 other => tracing::debug!(event = %other, "NATS event"),
             }
         })
-        .connect(config.url.as_str())
+        .connect(server_urls(&config.url))
         .await
         .with_context(|| format!("cannot connect to NATS at {}", config.url))
+}
+
+/// The servers of a `nats.url` that lists several, comma separated (the client reads a
+/// single string as one address).
+fn server_urls(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
 }
 
 /// The client options for the configured credentials and TLS. Secrets go to the client
@@ -170,6 +179,7 @@ pub async fn ensure_streams(
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             duplicate_window: Duration::from_secs(120),
+            num_replicas: config.replicas,
             ..Default::default()
         })
         .await
@@ -180,6 +190,7 @@ pub async fn ensure_streams(
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(14 * 24 * 3600),
+        num_replicas: config.replicas,
         ..Default::default()
     })
     .await
@@ -256,7 +267,7 @@ pub async fn serve(
     let catalogue_stop = CancellationToken::new();
     let _stop_catalogue = catalogue_stop.clone().drop_guard();
     let buckets = tokio::select! {
-        buckets = catalogue::nats::Buckets::open(&js, &config.catalogue) => buckets?,
+        buckets = catalogue::nats::Buckets::open(&js, &config.catalogue, config.nats.replicas) => buckets?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     if config.catalogue.nats {
@@ -413,6 +424,7 @@ async fn watch_max_deliveries(
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(14 * 24 * 3600),
+            num_replicas: nats.replicas,
             ..Default::default()
         })
         .await
@@ -897,13 +909,17 @@ fn job_type_label<'a>(catalogue: &Catalogue, job_type: &'a str) -> &'a str {
     }
 }
 
-/// Acks, naks or terminates, retrying through a NATS reconnect for up to a minute.
+/// Acks, naks or terminates, retrying through a NATS reconnect for up to a minute. An ack or
+/// a term waits for JetStream to confirm it, through a consumer leader election too: lost,
+/// it would run the job again. A nak is only sent: lost, the job comes back after
+/// `ack_wait` instead of `nak_delay_secs`, whereas sent twice (the first applied, its
+/// answer lost) it could hand back a later delivery running elsewhere.
 async fn settle(message: &jetstream::Message, kind: AckKind) {
     let mut delay = Duration::from_millis(100);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let attempt = match kind {
-            AckKind::Ack => message.double_ack().await,
+            AckKind::Ack | AckKind::Term => confirmed(message, clone_kind(&kind)).await,
             ref other => message.ack_with(clone_kind(other)).await,
         };
         match attempt {
@@ -919,6 +935,22 @@ async fn settle(message: &jetstream::Message, kind: AckKind) {
             }
         }
     }
+}
+
+/// Sends `kind` for `message` and waits for JetStream to confirm it (the server answers an
+/// ack or term that asks for a reply).
+///
+/// Not the client's `double_ack`: it takes any answer for a confirmation, including the
+/// server's "no responders" while a clustered consumer is between leaders (its ack subject
+/// then has no subscriber), and the ack is lost: the job would run again after `ack_wait`.
+/// A request fails on "no responders", and `settle` tries again.
+async fn confirmed(message: &jetstream::Message, kind: AckKind) -> Result<(), async_nats::Error> {
+    let reply = message
+        .reply
+        .clone()
+        .ok_or("not a JetStream message: no reply subject")?;
+    message.context.client().request(reply, kind.into()).await?;
+    Ok(())
 }
 
 fn clone_kind(kind: &AckKind) -> AckKind {
@@ -1018,4 +1050,25 @@ pub async fn submit(
         anyhow::bail!("job {} did not end within {:?}", spec.id, wait);
     }
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_list_names_each_server() {
+        assert_eq!(
+            server_urls("nats://127.0.0.1:4001, nats://127.0.0.1:4002,nats://127.0.0.1:4003"),
+            [
+                "nats://127.0.0.1:4001",
+                "nats://127.0.0.1:4002",
+                "nats://127.0.0.1:4003"
+            ]
+        );
+        assert_eq!(
+            server_urls("nats://127.0.0.1:4222"),
+            ["nats://127.0.0.1:4222"]
+        );
+    }
 }

@@ -105,7 +105,7 @@ impl Cluster {
 
     /// The catalogue buckets, as a host opens them.
     pub async fn buckets(&self) -> Buckets {
-        Buckets::open(&self.js, &self.config.catalogue)
+        Buckets::open(&self.js, &self.config.catalogue, self.config.nats.replicas)
             .await
             .unwrap_or_else(|e| self.fail(format!("cannot open the catalogue buckets: {e:#}")))
     }

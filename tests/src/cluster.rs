@@ -1,4 +1,5 @@
-//! One NATS server, the framehost hosts a test starts against it, and what tests check.
+//! One NATS server (or a cluster of them), the framehost hosts a test starts against it, and
+//! what tests check.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -11,6 +12,7 @@ use framehost::config::{Config, JobTypeConfig, NatsConfig};
 use framehost::job::JobSpec;
 use framehost::livekit::{LiveKitSource, Secret};
 use framehost::source::SourceSpec;
+use futures::StreamExt as _;
 use tempfile::TempDir;
 
 use crate::livekit::LiveKitDouble;
@@ -23,6 +25,9 @@ pub const JOB_WAIT: Duration = Duration::from_secs(150);
 
 /// Log lines of each host shown when a test fails.
 const LOG_TAIL_LINES: usize = 40;
+
+/// Jobs [`Cluster::submit_all`] publishes before it awaits their acks.
+pub const SUBMIT_IN_FLIGHT: usize = 256;
 
 /// Awaits `fut` for at most `limit`; past it, panics saying what was awaited, followed by
 /// `context()` (the hosts' logs).
@@ -41,8 +46,8 @@ pub async fn within<F: Future>(
     }
 }
 
-/// A NATS server with JetStream, the framehost hosts started against it, a client for the
-/// test, and a scratch directory.
+/// A NATS server with JetStream (or a cluster of them), the framehost hosts started against
+/// it, a client for the test, and a scratch directory.
 pub struct Cluster {
     pub nats: NatsServer,
     pub client: async_nats::Client,
@@ -62,7 +67,22 @@ impl Cluster {
         let nats = NatsServer::start()
             .await
             .unwrap_or_else(|e| panic!("cannot start nats-server: {e:#}"));
-        let client = async_nats::connect(nats.url())
+        Self::on(nats).await
+    }
+
+    /// Starts a cluster of `size` servers; no host yet. Hosts get every server's URL and
+    /// create their streams and buckets with `size` replicas.
+    pub async fn start_nats_cluster(size: usize) -> Self {
+        let nats = NatsServer::start_cluster(size)
+            .await
+            .unwrap_or_else(|e| panic!("cannot start a cluster of {size} nats-servers: {e:#}"));
+        let mut cluster = Self::on(nats).await;
+        cluster.config.nats.replicas = size;
+        cluster
+    }
+
+    async fn on(nats: NatsServer) -> Self {
+        let client = async_nats::connect(nats.urls())
             .await
             .unwrap_or_else(|e| panic!("cannot connect to nats-server at {}: {e}", nats.url()));
         let js = jetstream::new(client.clone());
@@ -134,6 +154,11 @@ impl Cluster {
         }
         if self.hosts.is_empty() {
             out.push_str("(no host was started)\n");
+        }
+        // A cluster's elections and catch-up explain many a failure; a single server's log
+        // seldom does.
+        if self.nats.len() > 1 {
+            out.push_str(&self.nats.log_tail(LOG_TAIL_LINES));
         }
         out
     }
@@ -259,6 +284,72 @@ impl Cluster {
         }
     }
 
+    /// Publishes every job as `framehost job submit` does (its id as the message id), up to
+    /// [`SUBMIT_IN_FLIGHT`] at a time, and waits until JetStream has stored each one. A
+    /// publish left unanswered (a server lost, a stream leader being elected) is sent again
+    /// under the same message id, which JetStream de-duplicates; a duplicate on the first
+    /// send fails the test (a job id used twice). Fails the test if the jobs are not all
+    /// stored within two minutes.
+    pub async fn submit_all(&self, specs: &[JobSpec]) {
+        let nats = self.nats_config();
+        let stored = async {
+            // Answered by the meta and stream leaders: retried, like the publishes, while a
+            // cluster elects them.
+            while let Err(error) = framehost::intake::ensure_streams(&self.js, nats).await {
+                eprintln!("submit: cannot open the jobs stream yet ({error:#}); retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let mut pending: Vec<&JobSpec> = specs.iter().collect();
+            let mut resend = false;
+            while !pending.is_empty() {
+                let sends = futures::stream::iter(pending.iter().copied())
+                    .map(|spec| async move {
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", spec.id.as_str());
+                        let body = serde_json::to_vec(spec).expect("a job serializes");
+                        let subject = nats.jobs_subject(&spec.job_type);
+                        let ack = async {
+                            self.js
+                                .publish_with_headers(subject, headers, body.into())
+                                .await?
+                                .await
+                                .map_err(anyhow::Error::from)
+                        };
+                        (spec, ack.await)
+                    })
+                    .buffer_unordered(SUBMIT_IN_FLIGHT)
+                    .collect::<Vec<_>>()
+                    .await;
+                let mut unanswered = Vec::new();
+                for (spec, ack) in sends {
+                    match ack {
+                        Ok(ack) if ack.duplicate && !resend => {
+                            anyhow::bail!("job id {} was submitted before", spec.id)
+                        }
+                        Ok(_) => {}
+                        Err(_) => unanswered.push(spec),
+                    }
+                }
+                pending = unanswered;
+                resend = true;
+                if !pending.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            anyhow::Ok(())
+        };
+        let stored = self
+            .within(
+                Duration::from_secs(120),
+                format!("{} jobs to be stored", specs.len()),
+                stored,
+            )
+            .await;
+        if let Err(error) = stored {
+            self.fail(format!("cannot submit the jobs: {error:#}"));
+        }
+    }
+
     /// Messages in the jobs (work-queue) stream: jobs not yet acked or terminated.
     pub async fn jobs_in_queue(&self) -> u64 {
         self.jobs_stream_state().await.messages
@@ -349,5 +440,98 @@ impl Cluster {
                 nats.consumer
             )),
         }
+    }
+}
+
+/// Leaders in a cluster of NATS servers, and the test's own view of it.
+impl Cluster {
+    /// Connects the test's own client to `url` alone, for instance a server of a cluster
+    /// the test will not kill: a core NATS subscription misses what is published while
+    /// its client reconnects.
+    pub async fn use_client(&mut self, url: &str) {
+        self.client = async_nats::connect(url)
+            .await
+            .unwrap_or_else(|e| self.fail(format!("cannot connect to {url}: {e}")));
+        self.js = jetstream::new(self.client.clone());
+    }
+
+    /// The server leading the jobs stream, by `server_name`, if it has a leader now.
+    pub async fn stream_leader(&self) -> Option<String> {
+        let subject = format!("$JS.API.STREAM.INFO.{}", self.nats_config().stream);
+        self.leader_from(&subject).await
+    }
+
+    /// The server leading the shared consumer, if it has a leader now.
+    pub async fn consumer_leader(&self) -> Option<String> {
+        let nats = self.nats_config();
+        let subject = format!("$JS.API.CONSUMER.INFO.{}.{}", nats.stream, nats.consumer);
+        self.leader_from(&subject).await
+    }
+
+    /// Asks the jobs stream's leader, then the consumer's, to step down until `node` leads
+    /// both (each step down elects one of the other replicas). Fails the test if that does
+    /// not happen within a few dozen elections.
+    pub async fn move_leaders_to(&self, node: &str) {
+        let nats = self.nats_config();
+        let stream = format!("$JS.API.STREAM.INFO.{}", nats.stream);
+        let stream_down = format!("$JS.API.STREAM.LEADER.STEPDOWN.{}", nats.stream);
+        let consumer = format!("$JS.API.CONSUMER.INFO.{}.{}", nats.stream, nats.consumer);
+        let consumer_down = format!(
+            "$JS.API.CONSUMER.LEADER.STEPDOWN.{}.{}",
+            nats.stream, nats.consumer
+        );
+        for (info, step_down) in [(&stream, &stream_down), (&consumer, &consumer_down)] {
+            let mut elections = 0;
+            loop {
+                let leader = self.wait_leader(info, None).await;
+                if leader == node {
+                    break;
+                }
+                elections += 1;
+                self.check(
+                    elections <= 30,
+                    format!("{node} did not become the leader ({info}) in 30 elections"),
+                );
+                self.client
+                    .request(step_down.clone(), "".into())
+                    .await
+                    .unwrap_or_else(|e| self.fail(format!("{step_down} failed: {e}")));
+                self.wait_leader(info, Some(&leader)).await;
+            }
+        }
+    }
+
+    /// Waits until the JetStream object `info` describes has a leader other than `not`.
+    pub async fn wait_leader(&self, info: &str, not: Option<&str>) -> String {
+        let elected = async {
+            loop {
+                if let Some(leader) = self.leader_from(info).await
+                    && Some(leader.as_str()) != not
+                {
+                    return leader;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        self.within(
+            Duration::from_secs(30),
+            format!("a leader for {info} other than {not:?}"),
+            elected,
+        )
+        .await
+    }
+
+    /// `cluster.leader` of a JetStream info request's answer.
+    async fn leader_from(&self, subject: &str) -> Option<String> {
+        let request = self.client.request(subject.to_owned(), "".into());
+        let reply = tokio::time::timeout(Duration::from_secs(5), request)
+            .await
+            .ok()?
+            .ok()?;
+        let info: serde_json::Value = serde_json::from_slice(&reply.payload).ok()?;
+        info["cluster"]["leader"]
+            .as_str()
+            .filter(|leader| !leader.is_empty())
+            .map(str::to_owned)
     }
 }

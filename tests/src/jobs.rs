@@ -130,3 +130,56 @@ impl JobWatch {
         out
     }
 }
+
+/// Every job's status messages (`<prefix>.status.>`), for a test that follows many jobs at
+/// once; subscribed before the jobs are submitted. Statuses are kept in arrival order, which
+/// for one host is the order it published them in.
+pub struct StatusFeed {
+    statuses: async_nats::Subscriber,
+    pub seen: Vec<JobStatus>,
+}
+
+impl StatusFeed {
+    /// Subscribes; returns once the server has the subscription.
+    pub async fn new(client: &async_nats::Client, nats: &NatsConfig) -> anyhow::Result<Self> {
+        let statuses = client
+            .subscribe(format!("{}.status.>", nats.subject_prefix))
+            .await?;
+        client.flush().await?;
+        Ok(Self {
+            statuses,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Reads statuses until `done` holds for those seen so far (checked after each).
+    /// Returns false if the subscription ends first. Panics on a message that is not a
+    /// `JobStatus`.
+    pub async fn until(&mut self, mut done: impl FnMut(&[JobStatus]) -> bool) -> bool {
+        while !done(&self.seen) {
+            let Some(message) = self.statuses.next().await else {
+                return false;
+            };
+            let status: JobStatus = serde_json::from_slice(&message.payload).unwrap_or_else(|e| {
+                panic!(
+                    "status message on {} is not a JobStatus ({e}): {}",
+                    message.subject,
+                    String::from_utf8_lossy(&message.payload)
+                )
+            });
+            self.seen.push(status);
+        }
+        true
+    }
+
+    /// Statuses already received but not yet read, without waiting; kept in `seen` too.
+    pub fn drain_buffered(&mut self) -> &[JobStatus] {
+        let before = self.seen.len();
+        while let Some(Some(message)) = self.statuses.next().now_or_never() {
+            if let Ok(status) = serde_json::from_slice::<JobStatus>(&message.payload) {
+                self.seen.push(status);
+            }
+        }
+        &self.seen[before..]
+    }
+}

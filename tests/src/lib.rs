@@ -1,6 +1,7 @@
 //! Test support for framehost's end-to-end tests.
 //!
-//! - [`NatsServer`]: a real `nats-server` with JetStream on a free port and its own storage.
+//! - [`NatsServer`]: a real `nats-server` with JetStream on a free port and its own storage,
+//!   or a cluster of them.
 //! - [`HostProcess`]: the `framehost serve` binary with a configuration written for the test.
 //! - [`Cluster`]: one server, the hosts a test starts, and what a test asserts about jobs
 //!   (their status, results, the work queue and the dead-letter stream).
@@ -26,8 +27,8 @@ mod nats_server;
 pub mod scrape;
 mod secure_nats;
 
-pub use cluster::{Cluster, JOB_WAIT, within};
+pub use cluster::{Cluster, JOB_WAIT, SUBMIT_IN_FLIGHT, within};
 pub use host_process::HostProcess;
-pub use jobs::{JobResult, JobWatch};
+pub use jobs::{JobResult, JobWatch, StatusFeed};
 pub use nats_server::NatsServer;
 pub use secure_nats::{Auth, SecureNats};

@@ -83,14 +83,20 @@ pub struct Buckets {
 }
 
 impl Buckets {
-    /// Opens the buckets, creating any that is missing.
-    pub async fn open(js: &jetstream::Context, config: &CatalogueConfig) -> anyhow::Result<Self> {
+    /// Opens the buckets, creating any that is missing with `replicas` JetStream replicas
+    /// (`nats.replicas`); existing ones keep theirs.
+    pub async fn open(
+        js: &jetstream::Context,
+        config: &CatalogueConfig,
+        replicas: usize,
+    ) -> anyhow::Result<Self> {
         let routes = open_kv(
             js,
             &config.routes_bucket,
             "framehost: plugin version and limits per job type",
             ROUTE_HISTORY,
             Duration::ZERO,
+            replicas,
         )
         .await?;
         let objects = match js.get_object_store(&config.objects_bucket).await {
@@ -99,6 +105,7 @@ impl Buckets {
                 .create_object_store(jetstream::object_store::Config {
                     bucket: config.objects_bucket.clone(),
                     description: Some("framehost: plugin components by digest".into()),
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await
@@ -110,6 +117,7 @@ impl Buckets {
             "framehost: what each host replica serves",
             1,
             REPLICA_TTL,
+            replicas,
         )
         .await?;
         Ok(Self {
@@ -146,6 +154,7 @@ async fn open_kv(
     description: &str,
     history: i64,
     max_age: Duration,
+    replicas: usize,
 ) -> anyhow::Result<kv::Store> {
     if let Ok(store) = js.get_key_value(bucket).await {
         return Ok(store);
@@ -160,7 +169,7 @@ async fn open_kv(
         deny_delete: true,
         allow_direct: true,
         discard: jetstream::stream::DiscardPolicy::New,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await

@@ -260,7 +260,7 @@ async fn connect(args: &NatsArgs) -> anyhow::Result<(Config, Buckets)> {
     }
     let client = intake::connect(&config.nats, intake::FirstConnect::FailFast).await?;
     let js = jetstream::new(client);
-    let buckets = Buckets::open(&js, &config.catalogue).await?;
+    let buckets = Buckets::open(&js, &config.catalogue, config.nats.replicas).await?;
     Ok((config, buckets))
 }
 
