@@ -429,48 +429,92 @@ async fn stand_in(
 
 /// Downloads the object of `digest`, refusing one larger than `max_bytes` before reading.
 /// The object store checks the bytes against the digest it recorded on upload; the
-/// catalogue checks them against the route's.
+/// catalogue checks them against the route's. A download that fails for want of a server
+/// (a timeout, a stream between leaders) is tried again, [`FETCH_ATTEMPTS`] times in all,
+/// before the version is refused: one NATS hiccup must not leave a replica without the
+/// version every other replica serves.
 pub async fn fetch(store: &ObjectStore, digest: &str, max_bytes: u64) -> Result<Vec<u8>, Refusal> {
+    let mut pause = Duration::from_secs(2);
+    let mut attempt = 1;
+    loop {
+        match fetch_once(store, digest, max_bytes).await {
+            Ok(bytes) => return Ok(bytes),
+            Err((refusal, true)) if attempt < FETCH_ATTEMPTS => {
+                tracing::warn!(
+                    digest,
+                    attempt,
+                    error = %refusal,
+                    "Plugin download failed; trying again in {pause:?}"
+                );
+                tokio::time::sleep(pause).await;
+                pause *= 4;
+                attempt += 1;
+            }
+            Err((refusal, _)) => return Err(refusal),
+        }
+    }
+}
+
+/// Downloads attempted before a version whose download keeps failing is refused.
+const FETCH_ATTEMPTS: u32 = 3;
+
+/// One download; a failure says whether another attempt may succeed.
+async fn fetch_once(
+    store: &ObjectStore,
+    digest: &str,
+    max_bytes: u64,
+) -> Result<Vec<u8>, (Refusal, bool)> {
+    use jetstream::object_store::{GetErrorKind, InfoErrorKind};
     let name = object_name(digest);
-    let fail = |what: &str, e: &dyn std::fmt::Display| {
-        Refusal::new(Step::Fetch, format!("{what} object {name}: {e}"))
+    let fail = |what: &str, e: &dyn std::fmt::Display, transient: bool| {
+        let refusal = Refusal::new(Step::Fetch, format!("{what} object {name}: {e}"));
+        (refusal, transient)
     };
     let download = async {
-        let info = store.info(&name).await.map_err(|e| fail("no", &e))?;
+        let info = store.info(&name).await.map_err(|e| {
+            let transient = !matches!(
+                e.kind(),
+                InfoErrorKind::NotFound | InfoErrorKind::InvalidName
+            );
+            fail("no", &e, transient)
+        })?;
         if info.size as u64 > max_bytes {
-            return Err(Refusal::new(
+            let refusal = Refusal::new(
                 Step::Fetch,
                 format!(
                     "object {name} is {} bytes, over catalogue.max_plugin_mib ({max_bytes} bytes)",
                     info.size
                 ),
-            ));
+            );
+            return Err((refusal, false));
         }
-        let object = store
-            .get(&name)
-            .await
-            .map_err(|e| fail("cannot open", &e))?;
+        let object = store.get(&name).await.map_err(|e| {
+            let transient = !matches!(e.kind(), GetErrorKind::NotFound | GetErrorKind::InvalidName);
+            fail("cannot open", &e, transient)
+        })?;
         let mut bytes = Vec::with_capacity(info.size);
         object
             .take(max_bytes + 1)
             .read_to_end(&mut bytes)
             .await
-            .map_err(|e| fail("cannot read", &e))?;
+            .map_err(|e| fail("cannot read", &e, true))?;
         if bytes.len() as u64 > max_bytes {
-            return Err(Refusal::new(
+            let refusal = Refusal::new(
                 Step::Fetch,
                 format!("object {name} grew past {max_bytes} bytes while read"),
-            ));
+            );
+            return Err((refusal, false));
         }
         Ok(bytes)
     };
     tokio::time::timeout(FETCH_TIMEOUT, download)
         .await
         .unwrap_or_else(|_| {
-            Err(Refusal::new(
+            let refusal = Refusal::new(
                 Step::Fetch,
                 format!("object {name}: download took over {FETCH_TIMEOUT:?}"),
-            ))
+            );
+            Err((refusal, true))
         })
 }
 
