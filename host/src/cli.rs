@@ -86,6 +86,9 @@ enum ConfigCommand {
         /// The configuration file (TOML).
         #[arg(env = "FRAMEHOST_CONFIG")]
         config: PathBuf,
+        /// NATS server URL, overriding `nats.url`, as for `serve`.
+        #[arg(long, env = "FRAMEHOST_NATS_URL")]
+        nats: Option<String>,
     },
 }
 
@@ -361,14 +364,18 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Capture(CaptureCommand::Record(args)) => capture_record(args).await,
         Command::Job(JobCommand::Submit(args)) => submit(*args).await,
         Command::Job(JobCommand::Stop { id, nats }) => stop(&id, nats).await,
-        Command::Config(ConfigCommand::Check { config }) => config_check(&config),
+        Command::Config(ConfigCommand::Check { config, nats }) => config_check(&config, nats),
         Command::Plugin(command) => plugin::run(command).await,
         Command::Bench(command) => crate::bench::run(command).await,
     }
 }
 
-fn config_check(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = Config::load(path)?;
+fn config_check(path: &Path, nats: Option<String>) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(path)?;
+    if let Some(url) = nats {
+        config.nats.url = url;
+        config.validate()?;
+    }
     let text = toml::to_string(&config.redacted()).context("cannot print the configuration")?;
     println!(
         "# {} is valid; the effective configuration:\n",

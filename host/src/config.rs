@@ -145,6 +145,43 @@ impl NatsConfig {
         Ok(())
     }
 
+    /// Names JetStream and NATS subjects will take.
+    fn check_names(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("stream", &self.stream),
+            ("dead_letter_stream", &self.dead_letter_stream),
+            ("consumer", &self.consumer),
+        ] {
+            if !is_name(value, 255) {
+                return Err(format!(
+                    "nats.{name} {value:?} must be 1 to 255 of A-Z a-z 0-9 - _"
+                ));
+            }
+        }
+        if !self
+            .subject_prefix
+            .split('.')
+            .all(|token| is_name(token, 255))
+        {
+            return Err(format!(
+                "nats.subject_prefix {:?} must be dot-separated tokens of A-Z a-z 0-9 - _",
+                self.subject_prefix
+            ));
+        }
+        for server in self.url.split(',').map(str::trim) {
+            let scheme = server.split_once("://").map(|(scheme, _)| scheme);
+            if server.is_empty()
+                || scheme.is_some_and(|s| !["nats", "tls", "ws", "wss"].contains(&s))
+            {
+                return Err(format!(
+                    "nats.url {:?}: each server is nats://, tls://, ws:// or wss:// host:port",
+                    redact_url(&self.url)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The nkey seed, read from `nkey_seed_file`.
     pub fn nkey_seed(&self) -> Result<Option<Secret>, ConfigError> {
         inline_or_file("nats.nkey_seed", &None, &self.nkey_seed_file)
@@ -796,12 +833,85 @@ fn env_overrides() -> Vec<(String, String)> {
     vars
 }
 
-/// Lays the overrides over `table`; an error names the variable.
+/// `table` with the overrides laid over it, read as a configuration. An error names the
+/// variables at fault.
+fn with_overrides(
+    table: toml::Table,
+    overrides: &[(String, String)],
+) -> Result<Config, ConfigError> {
+    let mut all = table.clone();
+    apply_overrides(&mut all, overrides)?;
+    let error = match all.try_into::<Config>() {
+        Ok(config) => return Ok(config),
+        Err(error) => error,
+    };
+    // Which of them is wrong: each alone over the table.
+    let culprits: Vec<&str> = overrides
+        .iter()
+        .filter(|one| {
+            let mut alone = table.clone();
+            apply_overrides(&mut alone, std::slice::from_ref(*one)).is_err()
+                || alone.try_into::<Config>().is_err()
+        })
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let names = if culprits.is_empty() {
+        overrides.iter().map(|(name, _)| name.as_str()).collect()
+    } else {
+        culprits
+    };
+    Err(ConfigError::Overridden {
+        names: names.join(", "),
+        // Read from a table, the error has no source text to quote, only the option's path.
+        error: error.to_string().trim().replace('\n', " "),
+    })
+}
+
+/// Every option, each set (the optional ones too), with one job type `_` standing for any:
+/// what tells an override which options are text.
+fn every_option() -> toml::Table {
+    let mut config = Config::default();
+    let nats = &mut config.nats;
+    nats.credentials_file = Some("f".into());
+    nats.nkey_seed_file = Some("f".into());
+    nats.user = Some("u".into());
+    nats.password = Some(Secret::new("p"));
+    nats.password_file = Some("f".into());
+    nats.token = Some(Secret::new("t"));
+    nats.token_file = Some("f".into());
+    nats.tls.ca_file = Some("f".into());
+    nats.tls.cert_file = Some("f".into());
+    nats.tls.key_file = Some("f".into());
+    config.sandbox.max_instances = Some(8);
+    let lk = &mut config.livekit;
+    lk.url = Some("wss://x".into());
+    lk.api_key = Some("k".into());
+    lk.api_secret = Some(Secret::new("s"));
+    lk.api_secret_file = Some("f".into());
+    config.catalogue.dir = Some("d".into());
+    config.catalogue.cache_dir = Some("d".into());
+    config.catalogue.defaults.queue_depth = Some(8);
+    config.job_types.insert(
+        "_".into(),
+        JobTypeConfig {
+            memory_mib: Some(1),
+            call_deadline_ms: Some(1),
+            on_trap: Some(TrapPolicy::Fail),
+            max_restarts: Some(1),
+            queue_depth: Some(1),
+            ..JobTypeConfig::new("p.wasm")
+        },
+    );
+    toml::Table::try_from(&config).expect("the options serialize")
+}
+
+/// Lays the overrides over `table`; an error names the variable. An empty value removes
+/// the option (its default applies).
 fn apply_overrides(
     table: &mut toml::Table,
     overrides: &[(String, String)],
 ) -> Result<(), ConfigError> {
-    let defaults = toml::Table::try_from(Config::default()).expect("the defaults serialize");
+    let options = every_option();
     for (name, raw) in overrides {
         let env_error = |error: String| ConfigError::Env {
             name: name.clone(),
@@ -816,19 +926,29 @@ fn apply_overrides(
         }
         let (key, sections) = path.split_last().expect("split yields one part at least");
         let mut at = &mut *table;
-        let mut known = Some(&defaults);
-        for section in sections {
-            let default = known.and_then(|t| t.get(section));
-            if default.is_some_and(|value| !value.is_table()) {
+        let mut known = Some(&options);
+        for (depth, section) in sections.iter().enumerate() {
+            // Any job type's options are those of `_`.
+            let lookup = if depth == 1 && sections[0] == "job_types" {
+                "_"
+            } else {
+                section.as_str()
+            };
+            let option = known.and_then(|t| t.get(lookup));
+            if option.is_some_and(|value| !value.is_table()) {
                 return Err(env_error(format!("`{section}` is not a section")));
             }
-            known = default.and_then(toml::Value::as_table);
+            known = option.and_then(toml::Value::as_table);
             let entry = at
                 .entry(section.clone())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
             at = entry
                 .as_table_mut()
                 .ok_or_else(|| env_error(format!("`{section}` is not a section")))?;
+        }
+        if raw.is_empty() {
+            at.remove(key);
+            continue;
         }
         let value = match known.and_then(|t| t.get(key)) {
             Some(toml::Value::String(_)) => toml::Value::String(raw.clone()),
@@ -842,15 +962,18 @@ fn apply_overrides(
     Ok(())
 }
 
-/// Reads the configuration out of a table that environment overrides went into.
-fn from_table(table: toml::Table, overrides: &[(String, String)]) -> Result<Config, ConfigError> {
-    table.try_into().map_err(|error| {
-        let names: Vec<&str> = overrides.iter().map(|(name, _)| name.as_str()).collect();
-        ConfigError::Overridden {
-            names: names.join(", "),
-            error: Box::new(error),
+/// A TOML error as "line L, column C: message", without the text of the line.
+fn describe(error: &toml::de::Error, text: &str) -> String {
+    let message = error.message().replace('\n', " ");
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
         }
-    })
+        None => message,
+    }
 }
 
 /// The secret given inline, else the one in `file`, if either is set.
@@ -907,20 +1030,16 @@ fn read_secret_file(
 pub enum ConfigError {
     #[error("cannot read config {path}: {error}")]
     Read { path: String, error: std::io::Error },
+    /// The file's text is not a configuration. The message names the place, never the
+    /// text there: it may be a secret.
     #[error("invalid config {path}: {error}")]
-    Parse {
-        path: String,
-        error: Box<toml::de::Error>,
-    },
+    Parse { path: String, error: String },
     #[error("invalid config: {0}")]
     Invalid(String),
     #[error("invalid environment override {name}: {error}")]
     Env { name: String, error: String },
-    #[error("invalid config with the environment overrides {names}: {error}")]
-    Overridden {
-        names: String,
-        error: Box<toml::de::Error>,
-    },
+    #[error("invalid config with the environment override {names}: {error}")]
+    Overridden { names: String, error: String },
 }
 
 /// Environment variables that override options: `FRAMEHOST_<SECTION>__<KEY>=value` sets
@@ -931,6 +1050,25 @@ pub enum ConfigError {
 /// names with a `__` are read, so `FRAMEHOST_CONFIG` and Kubernetes' service variables are
 /// not options.
 pub const ENV_PREFIX: &str = "FRAMEHOST_";
+
+/// What `config check` prints for a secret given inline.
+const REDACTED: &str = "<redacted>";
+
+/// `url` (or a comma-separated list of them) with any `user:password@` replaced, for logs
+/// and messages.
+pub fn redact_url(url: &str) -> String {
+    let redact = |one: &str| {
+        let Some((scheme, rest)) = one.split_once("://") else {
+            return one.to_owned();
+        };
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        match rest[..authority_end].rfind('@') {
+            Some(at) => format!("{scheme}://{REDACTED}{}", &rest[at..]),
+            None => one.to_owned(),
+        }
+    };
+    url.split(',').map(redact).collect::<Vec<_>>().join(",")
+}
 
 /// The longest secret file read, in bytes.
 const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
@@ -943,29 +1081,32 @@ impl Config {
             path: path.display().to_string(),
             error,
         })?;
-        let parse_error = |error| ConfigError::Parse {
+        let parse_error = |error: toml::de::Error| ConfigError::Parse {
             path: path.display().to_string(),
-            error: Box::new(error),
+            error: describe(&error, &text),
         };
+        // The file alone first, so that its own mistakes are blamed on it, with their line.
+        let from_file: Config = toml::from_str(&text).map_err(parse_error)?;
         let overrides = env_overrides();
         let config = if overrides.is_empty() {
-            // Straight from the text, so that an error points at its line.
-            toml::from_str(&text).map_err(parse_error)?
+            from_file
         } else {
-            let mut table: toml::Table = toml::from_str(&text).map_err(parse_error)?;
-            apply_overrides(&mut table, &overrides)?;
-            from_table(table, &overrides)?
+            let table: toml::Table = toml::from_str(&text).map_err(parse_error)?;
+            with_overrides(table, &overrides)?
         };
-        config.finish(path.parent().unwrap_or(Path::new(".")))
+        // Absolute, so that the paths `config check` prints mean the same from anywhere.
+        let base = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+        config.finish(&base)
     }
 
     /// The defaults with the environment's overrides, for commands run without a file.
     /// Relative paths are resolved against the working directory.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let overrides = env_overrides();
-        let mut table = toml::Table::new();
-        apply_overrides(&mut table, &overrides)?;
-        from_table(table, &overrides)?.finish(Path::new("."))
+        with_overrides(toml::Table::new(), &env_overrides())?.finish(Path::new("."))
     }
 
     /// [`load`](Self::load) the file if one is given, else [`from_env`](Self::from_env).
@@ -1004,6 +1145,18 @@ impl Config {
         .flatten()
         .for_each(resolve);
 
+        for (option, secret) in [
+            ("livekit.api_secret", &self.livekit.api_secret),
+            ("nats.password", &self.nats.password),
+            ("nats.token", &self.nats.token),
+        ] {
+            if secret.as_ref().is_some_and(|s| s.expose() == REDACTED) {
+                return Err(ConfigError::Invalid(format!(
+                    "{option} is {REDACTED:?}, the placeholder `config check` prints: give \
+                     the secret itself, or better its file"
+                )));
+            }
+        }
         read_secret_file(
             "livekit.api_secret",
             &mut self.livekit.api_secret,
@@ -1025,9 +1178,10 @@ impl Config {
             if file.is_some() {
                 *secret = None;
             } else if secret.is_some() {
-                *secret = Some(Secret::new("<redacted>"));
+                *secret = Some(Secret::new(REDACTED));
             }
         };
+        config.nats.url = redact_url(&config.nats.url);
         let lk = &mut config.livekit;
         redact(&mut lk.api_secret, &lk.api_secret_file);
         let nats = &mut config.nats;
@@ -1041,7 +1195,9 @@ impl Config {
         // Ranges wide enough for any real deployment, narrow enough that no arithmetic on
         // them overflows.
         let lk = &self.livekit;
-        let ranges: [(&str, u64, u64, u64); 16] = [
+        let (st, asm, sb) = (&self.streams, &self.assembly, &self.sandbox);
+        const GIB: u64 = 1 << 30;
+        let ranges: &[(&str, u64, u64, u64)] = &[
             ("host.max_jobs", self.host.max_jobs as u64, 1, 1024),
             ("host.queue_depth", self.host.queue_depth as u64, 1, 4096),
             ("nats.ack_wait_secs", self.nats.ack_wait_secs, 3, 86_400),
@@ -1098,8 +1254,90 @@ impl Config {
                 1 << 20,
             ),
             ("livekit.max_senders", lk.max_senders as u64, 1, 1 << 16),
+            ("nats.nak_delay_secs", self.nats.nak_delay_secs, 0, 86_400),
+            (
+                "host.progress_interval_secs",
+                self.host.progress_interval_secs,
+                1,
+                3600,
+            ),
+            (
+                "host.shutdown_grace_secs",
+                self.host.shutdown_grace_secs,
+                0,
+                86_400,
+            ),
+            (
+                "streams.max_stream_bytes",
+                st.max_stream_bytes as u64,
+                1,
+                GIB,
+            ),
+            (
+                "streams.max_buffered_bytes",
+                st.max_buffered_bytes as u64,
+                1,
+                4 * GIB,
+            ),
+            (
+                "streams.max_open_streams",
+                st.max_open_streams as u64,
+                1,
+                65_536,
+            ),
+            ("streams.idle_timeout_ms", st.idle_timeout_ms, 1, 3_600_000),
+            ("assembly.max_parts", asm.max_parts as u64, 1, 65_536),
+            (
+                "assembly.max_message_bytes",
+                asm.max_message_bytes as u64,
+                1,
+                GIB,
+            ),
+            (
+                "assembly.max_open_messages",
+                asm.max_open_messages as u64,
+                1,
+                65_536,
+            ),
+            (
+                "assembly.max_buffered_bytes",
+                asm.max_buffered_bytes as u64,
+                1,
+                4 * GIB,
+            ),
+            ("assembly.max_age_ms", asm.max_age_ms, 1, 3_600_000),
+            (
+                "decode.max_detections",
+                self.decode.max_detections as u64,
+                1,
+                1_000_000,
+            ),
+            (
+                "sandbox.max_results_per_call",
+                sb.max_results_per_call as u64,
+                1,
+                65_536,
+            ),
+            (
+                "sandbox.max_result_kib",
+                sb.max_result_kib as u64,
+                1,
+                1 << 20,
+            ),
+            (
+                "sandbox.max_log_kib_per_job",
+                sb.max_log_kib_per_job as u64,
+                0,
+                1 << 20,
+            ),
+            (
+                "livekit.packet_queue_bytes",
+                lk.packet_queue_bytes as u64,
+                1,
+                4 * GIB,
+            ),
         ];
-        for (name, value, low, high) in ranges {
+        for &(name, value, low, high) in ranges {
             if !(low..=high).contains(&value) {
                 return invalid(format!("{name} must be between {low} and {high}"));
             }
@@ -1131,6 +1369,10 @@ impl Config {
                 .or_else(|e| invalid(format!("job_types.{name}: {e}")))?;
         }
         self.nats.check_auth().or_else(invalid)?;
+        self.nats.check_names().or_else(invalid)?;
+        if self.streams.topic.is_empty() {
+            return invalid("streams.topic must not be empty".into());
+        }
         let c = &self.catalogue;
         if !(50..=3_600_000).contains(&c.poll_interval_ms) {
             return invalid("catalogue.poll_interval_ms must be between 50 and 3600000".into());
@@ -1264,10 +1506,7 @@ mod tests {
     }
 
     fn overridden(file: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let overrides = vars(pairs);
-        let mut table: toml::Table = toml::from_str(file).unwrap();
-        apply_overrides(&mut table, &overrides)?;
-        from_table(table, &overrides)
+        with_overrides(toml::from_str(file).unwrap(), &vars(pairs))
     }
 
     #[test]
@@ -1372,28 +1611,8 @@ mod tests {
 
     #[test]
     fn the_example_file_names_every_option() {
-        // The defaults, with every optional option set so that it is serialized too.
-        let mut config = Config::default();
-        config.nats.credentials_file = Some("c".into());
-        config.nats.nkey_seed_file = Some("n".into());
-        config.nats.user = Some("u".into());
-        config.nats.password = Some(Secret::new("p"));
-        config.nats.password_file = Some("p".into());
-        config.nats.token = Some(Secret::new("t"));
-        config.nats.token_file = Some("t".into());
-        config.nats.tls.ca_file = Some("ca".into());
-        config.nats.tls.cert_file = Some("cert".into());
-        config.nats.tls.key_file = Some("key".into());
-        config.sandbox.max_instances = Some(8);
-        config.livekit.url = Some("wss://x".into());
-        config.livekit.api_key = Some("k".into());
-        config.livekit.api_secret = Some(Secret::new("s"));
-        config.livekit.api_secret_file = Some("s".into());
-        config.catalogue.dir = Some("d".into());
-        config.catalogue.cache_dir = Some("c".into());
-        config.catalogue.defaults.queue_depth = Some(8);
         let mut options = Vec::new();
-        flatten("", &toml::Table::try_from(&config).unwrap(), &mut options);
+        flatten("", &every_option(), &mut options);
 
         // What the example names, commented out or not.
         let example = include_str!("../../examples/framehost.toml");
@@ -1429,6 +1648,100 @@ mod tests {
                 _ => out.push(path),
             }
         }
+    }
+
+    #[test]
+    fn urls_lose_their_credentials_in_print() {
+        assert_eq!(
+            redact_url("nats://bob:pw@a:4222, tls://tok@b:4222,nats://c:4222"),
+            "nats://<redacted>@a:4222, tls://<redacted>@b:4222,nats://c:4222"
+        );
+        assert_eq!(redact_url("nats://a:4222/x@y"), "nats://a:4222/x@y");
+    }
+
+    #[test]
+    fn a_file_error_names_its_line_and_never_shows_the_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.toml");
+        for text in [
+            "[nats]\nuser = \"u\"\npassword = \"S3CRET\n",
+            "[nats]\ntoken = S3CRET\n",
+            "[nats]\npasswrd = \"S3CRET\"\n",
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let error = Config::load(&file).unwrap_err().to_string();
+            assert!(!error.contains("S3CRET"), "{error}");
+            assert!(error.contains("line "), "{error}");
+        }
+        // A secret written as a number is taken as its digits, not refused with them.
+        std::fs::write(&file, "[nats]\nuser = \"u\"\npassword = 98765432\n").unwrap();
+        let config = Config::load(&file).unwrap();
+        assert_eq!(config.nats.password.unwrap().expose(), "98765432");
+        // The placeholder `config check` prints is not a secret.
+        std::fs::write(&file, "[nats]\ntoken = \"<redacted>\"\n").unwrap();
+        let error = Config::load(&file).unwrap_err().to_string();
+        assert!(error.contains("placeholder"), "{error}");
+    }
+
+    #[test]
+    fn overrides_take_text_as_text_blame_only_the_culprit_and_unset_when_empty() {
+        let config = overridden(
+            "[nats]\ntoken_file = \"t\"\n[job_types.t]\nplugin = \"p.wasm\"\n",
+            &[
+                ("FRAMEHOST_LIVEKIT__API_SECRET", "1234567"),
+                ("FRAMEHOST_JOB_TYPES__T__MEMORY_MIB", "32"),
+                ("FRAMEHOST_NATS__TOKEN_FILE", ""),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.livekit.api_secret.unwrap().expose(), "1234567");
+        assert_eq!(config.job_types["t"].memory_mib, Some(32));
+        assert_eq!(config.nats.token_file, None, "an empty value unsets");
+        let error = overridden(
+            "",
+            &[
+                ("FRAMEHOST_HOST__MAX_JOBS", "many"),
+                ("FRAMEHOST_NATS__STREAM", "S"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("FRAMEHOST_HOST__MAX_JOBS") && !error.contains("FRAMEHOST_NATS__STREAM"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn values_that_cannot_work_are_refused() {
+        for (text, expected) in [
+            (
+                "[nats]\nnak_delay_secs = 9223372036854775807",
+                "nats.nak_delay_secs",
+            ),
+            (
+                "[host]\nprogress_interval_secs = 0",
+                "host.progress_interval_secs",
+            ),
+            ("[assembly]\nmax_parts = 0", "assembly.max_parts"),
+            ("[decode]\nmax_detections = 0", "decode.max_detections"),
+            (
+                "[sandbox]\nmax_result_kib = 99999999999",
+                "sandbox.max_result_kib",
+            ),
+            ("[nats]\nstream = \"my.stream\"", "nats.stream"),
+            ("[nats]\nsubject_prefix = \"a b*\"", "nats.subject_prefix"),
+            ("[nats]\nurl = \"\"", "nats.url"),
+            ("[nats]\nurl = \"ftp://x\"", "nats.url"),
+            ("[streams]\ntopic = \"\"", "streams.topic"),
+        ] {
+            let config: Config = toml::from_str(text).unwrap();
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+        let fine: Config =
+            toml::from_str("[nats]\nsubject_prefix = \"acme.video\"\nurl = \"a:4222\"").unwrap();
+        fine.validate().unwrap();
     }
 
     #[test]

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::catalogue::{self, Catalogue};
-use crate::config::{Config, NatsConfig};
+use crate::config::{Config, NatsConfig, redact_url};
 use crate::job::{self, FailureKind, JobError, JobEvent, JobReport, JobSettings, JobSpec};
 use crate::metrics::{UNROUTED, metrics};
 use crate::ops::Readiness;
@@ -103,7 +103,10 @@ pub async fn connect(
 ) -> anyhow::Result<async_nats::Client> {
     let mut options = auth_options(config).await?;
     if first == FirstConnect::Retry {
-        tracing::info!(url = %config.url, "Connecting to NATS (retrying until it answers)");
+        tracing::info!(
+            url = %redact_url(&config.url),
+            "Connecting to NATS (retrying until it answers)"
+        );
         options = options.retry_on_initial_connect();
     }
     // A service says when it (re)connects; a command a person runs need not.
@@ -123,7 +126,7 @@ pub async fn connect(
         })
         .connect(server_urls(&config.url))
         .await
-        .with_context(|| format!("cannot connect to NATS at {}", config.url))
+        .with_context(|| format!("cannot connect to NATS at {}", redact_url(&config.url)))
 }
 
 /// The servers of a `nats.url` that lists several, comma separated (the client reads a

@@ -11,7 +11,27 @@ use serde::{Deserialize, Serialize};
 /// only way to the text.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(#[serde(deserialize_with = "any_scalar")] String);
+
+/// A secret's text from a string, or from a number or boolean written without quotes: a
+/// type error would print the value.
+fn any_scalar<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    Ok(match Scalar::deserialize(deserializer) {
+        Ok(Scalar::Text(text)) => text,
+        Ok(Scalar::Integer(n)) => n.to_string(),
+        Ok(Scalar::Float(x)) => x.to_string(),
+        Ok(Scalar::Bool(b)) => b.to_string(),
+        Err(_) => return Err(serde::de::Error::custom("a secret must be text")),
+    })
+}
 
 impl Secret {
     pub fn new(text: impl Into<String>) -> Self {
