@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use framehost::intake::{JobState, JobStatus};
 use framehost::job::JobSpec;
-use framehost_tests::{Cluster, JOB_WAIT, StatusFeed, artifacts, captures, within};
+use framehost_tests::{Cluster, JOB_WAIT, JobWatch, StatusFeed, artifacts, captures, within};
 
 /// Bound on a job's run, from submission to its final status.
 const JOB: Duration = Duration::from_secs(150);
@@ -125,26 +125,36 @@ async fn sigterm_hands_back_a_job_that_outlasts_the_grace_period() {
     );
 
     c.start_host("host-b").await;
+    takes_over_and_stops(&c, &mut watch, &spec, "host-b").await;
+}
+
+/// Waits for `host` to start the job handed back, then stops it there (the host need not
+/// replay a long capture) and checks it is acked.
+async fn takes_over_and_stops(c: &Cluster, watch: &mut JobWatch, spec: &JobSpec, host: &str) {
     let started = c
-        .until(&mut watch, JobState::Started, "the job to start on host-b")
+        .until(
+            watch,
+            JobState::Started,
+            format!("the job to start on {host}"),
+        )
         .await;
     c.check(
-        started.host == "host-b",
-        format!("expected host-b to take the job, got {started:?}"),
+        started.host == host,
+        format!("expected {host} to take the job, got {started:?}"),
     );
-    // host-b need not replay all 30 s: a stop request ends it, and it is acked.
     c.client
         .request(c.nats_config().control_subject(&spec.id), "stop".into())
         .await
         .unwrap_or_else(|e| c.fail(format!("stop request failed: {e}")));
     let last = c
-        .until_final(&mut watch, "the job's final status on host-b")
+        .until_final(watch, format!("the job's final status on {host}"))
         .await;
     c.check(
-        last.state == JobState::Stopped && last.host == "host-b",
-        format!("expected the job stopped on host-b, got {last:?}"),
+        last.state == JobState::Stopped && last.host == host,
+        format!("expected the job stopped on {host}, got {last:?}"),
     );
-    c.wait_queue_empty("the job is acked by host-b").await;
+    c.wait_queue_empty(&format!("the job is acked by {host}"))
+        .await;
 }
 
 /// A second SIGTERM (an impatient operator, or a runtime escalating) ends the host at once,
@@ -193,27 +203,7 @@ async fn a_second_sigterm_exits_at_once_and_the_job_comes_back() {
     );
 
     c.start_host("host-b").await;
-    let started = c
-        .until(
-            &mut watch,
-            JobState::Started,
-            "the job to come back on host-b",
-        )
-        .await;
-    c.check(
-        started.host == "host-b",
-        format!("expected host-b to take the job, got {started:?}"),
-    );
-    c.client
-        .request(c.nats_config().control_subject(&spec.id), "stop".into())
-        .await
-        .unwrap_or_else(|e| c.fail(format!("stop request failed: {e}")));
-    let last = c.until_final(&mut watch, "the job's final status").await;
-    c.check(
-        last.state == JobState::Stopped && last.host == "host-b",
-        format!("expected the job stopped on host-b, got {last:?}"),
-    );
-    c.wait_queue_empty("the job is acked by host-b").await;
+    takes_over_and_stops(&c, &mut watch, &spec, "host-b").await;
 }
 
 /// A cluster of three servers, every stream and bucket replicated on all three, loses the

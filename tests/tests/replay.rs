@@ -382,22 +382,7 @@ async fn config_check_prints_the_effective_configuration_without_secrets() {
     .unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[host]\nmax_job = 2\n").unwrap();
-    let check = |path: std::path::PathBuf| async move {
-        let mut command = tokio::process::Command::new(artifacts::framehost_bin());
-        command
-            .args(["config", "check"])
-            .arg(path)
-            .env_remove("LIVEKIT_API_SECRET")
-            .env_remove("LIVEKIT_API_KEY");
-        within(
-            COMMAND,
-            "framehost config check",
-            String::new,
-            command.output(),
-        )
-        .await
-        .expect("framehost runs")
-    };
+    let check = |path: std::path::PathBuf| async move { config_check(&path, Vec::new()).await };
 
     let out = check(good).await;
     let stdout = text(&out.stdout);
@@ -421,6 +406,28 @@ async fn config_check_prints_the_effective_configuration_without_secrets() {
     );
 }
 
+/// Runs `framehost config check FILE` with `env` added and no LiveKit key from the caller.
+async fn config_check(
+    file: &std::path::Path,
+    env: Vec<(&'static str, String)>,
+) -> std::process::Output {
+    let mut command = tokio::process::Command::new(artifacts::framehost_bin());
+    command
+        .args(["config", "check"])
+        .arg(file)
+        .env_remove("LIVEKIT_API_SECRET")
+        .env_remove("LIVEKIT_API_KEY")
+        .envs(env);
+    within(
+        COMMAND,
+        "framehost config check",
+        String::new,
+        command.output(),
+    )
+    .await
+    .expect("framehost runs")
+}
+
 /// What a Kubernetes pod does: the file from a ConfigMap, a few options and the secrets'
 /// file paths from the environment.
 #[tokio::test]
@@ -430,20 +437,7 @@ async fn config_check_applies_environment_overrides_and_reads_secret_files() {
     std::fs::write(&file, "[host]\nmax_jobs = 2\n").unwrap();
     let password = dir.path().join("password");
     std::fs::write(&password, "pa55-word\n").unwrap();
-    let check = |env: Vec<(&'static str, String)>| {
-        let mut command = tokio::process::Command::new(artifacts::framehost_bin());
-        command.args(["config", "check"]).arg(&file).envs(env);
-        async move {
-            within(
-                COMMAND,
-                "framehost config check",
-                String::new,
-                command.output(),
-            )
-            .await
-            .expect("framehost runs")
-        }
-    };
+    let check = |env: Vec<(&'static str, String)>| config_check(&file, env);
 
     let out = check(vec![
         ("FRAMEHOST_HOST__MAX_JOBS", "3".into()),
