@@ -59,6 +59,13 @@ struct Version {
     digest: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Refused {
+    job_type: String,
+    digest: String,
+    step: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric the host exports; see the README's table.
@@ -78,6 +85,7 @@ pub struct Metrics {
     plugin_memory: Family<JobType, Gauge>,
     plugin_memory_peak: HistogramFamily<JobType>,
     plugin_versions: Family<Version, Gauge>,
+    plugin_versions_refused: Family<Refused, Gauge>,
     rss: Gauge,
     /// Held while a scrape refreshes and encodes, so that two scrapes never see each
     /// other's half-refreshed version gauges.
@@ -112,6 +120,7 @@ impl Metrics {
             plugin_memory: Family::default(),
             plugin_memory_peak: Family::new_with_constructor(memory_histogram),
             plugin_versions: Family::default(),
+            plugin_versions_refused: Family::default(),
             rss: Gauge::default(),
             scrape: Mutex::new(()),
         };
@@ -181,6 +190,12 @@ impl Metrics {
             m.plugin_versions.clone(),
         );
         registry.register(
+            "plugin_versions_refused",
+            "1 for a job type's wanted version this host refused (by the step that refused it), \
+             until a version of that type loads",
+            m.plugin_versions_refused.clone(),
+        );
+        registry.register(
             "process_rss_bytes",
             "Resident set size of the host process",
             m.rss.clone(),
@@ -202,6 +217,15 @@ impl Metrics {
             for (job_type, digest) in catalogue.serving() {
                 let labels = Version { job_type, digest };
                 self.plugin_versions.get_or_create(&labels).set(1);
+            }
+            self.plugin_versions_refused.clear();
+            for (job_type, refused) in catalogue.refusals() {
+                let labels = Refused {
+                    job_type,
+                    digest: refused.digest,
+                    step: refused.step.as_str(),
+                };
+                self.plugin_versions_refused.get_or_create(&labels).set(1);
             }
         }
         let mut text = String::new();

@@ -157,6 +157,24 @@ async fn bad_versions_are_refused_and_the_previous_one_keeps_serving() {
             status.catalogue.refusals == n as u64 + 1,
             format!("{name}: refusals should count {}, got {status:?}", n + 1),
         );
+        // An operator sees it on the dashboard too.
+        let scrape = c
+            .host(0)
+            .scrape()
+            .await
+            .unwrap_or_else(|e| c.fail(format!("cannot scrape host-a: {e:#}")));
+        let refused = scrape.value(
+            "framehost_plugin_versions_refused",
+            &[
+                ("job_type", "track"),
+                ("digest", &digest),
+                ("step", step.as_str()),
+            ],
+        );
+        c.check(
+            refused == Some(1.0),
+            format!("{name}: expected the refusal in /metrics, got {refused:?}"),
+        );
 
         let spec = c.job(&format!("after-{name}"), "track", &capture, false);
         let status = c.run(&spec).await;

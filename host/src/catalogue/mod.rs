@@ -446,6 +446,16 @@ impl Catalogue {
         };
     }
 
+    /// Every job type's last refused version, while no later one has loaded.
+    pub fn refusals(&self) -> Vec<(String, RefusedVersion)> {
+        let state = self.state();
+        state
+            .refused
+            .iter()
+            .map(|(job_type, refused)| (job_type.clone(), refused.clone()))
+            .collect()
+    }
+
     /// The last version of `job_type` refused here, while no later one has loaded.
     pub fn refused(&self, job_type: &str) -> Option<RefusedVersion> {
         self.state().refused.get(job_type).cloned()
