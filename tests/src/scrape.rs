@@ -12,17 +12,25 @@ use tokio::net::TcpStream;
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: u16,
+    /// The status line and headers.
+    pub head: String,
     pub body: String,
 }
 
 /// `GET path` on 127.0.0.1:`port`, with the connection closed after the answer.
 pub async fn get(port: u16, path: &str) -> anyhow::Result<Answer> {
+    request(port, "GET", path).await
+}
+
+/// `method path` (no body) on 127.0.0.1:`port`, with the connection closed after the answer.
+pub async fn request(port: u16, method: &str, path: &str) -> anyhow::Result<Answer> {
     let exchange = async {
         let mut stream = TcpStream::connect(("127.0.0.1", port))
             .await
             .with_context(|| format!("cannot connect to 127.0.0.1:{port}"))?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await?;
@@ -30,7 +38,7 @@ pub async fn get(port: u16, path: &str) -> anyhow::Result<Answer> {
     };
     let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
-        .with_context(|| format!("GET {path} on port {port} took more than 10 s"))??;
+        .with_context(|| format!("{method} {path} on port {port} took more than 10 s"))??;
     let text = String::from_utf8(raw).context("the answer is not UTF-8")?;
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
         bail!("no end of headers in {text:?}");
@@ -42,6 +50,7 @@ pub async fn get(port: u16, path: &str) -> anyhow::Result<Answer> {
         .with_context(|| format!("no status code in {head:?}"))?;
     Ok(Answer {
         status,
+        head: head.to_owned(),
         body: body.to_owned(),
     })
 }

@@ -55,6 +55,22 @@ async fn metrics_count_jobs_frames_and_failures_by_reason() {
             format!("/readyz of a serving host answered {status}: {body}"),
         );
     }
+    // The endpoint only reads: anything else is refused, saying what is allowed.
+    let port = c.host(a).metrics_port();
+    let refused = framehost_tests::scrape::request(port, "POST", "/metrics")
+        .await
+        .unwrap_or_else(|e| c.fail(format!("cannot POST /metrics: {e:#}")));
+    c.check(
+        refused.status == 405
+            && refused
+                .head
+                .to_ascii_lowercase()
+                .contains("allow: get, head"),
+        format!(
+            "POST /metrics answered {}:\n{}",
+            refused.status, refused.head
+        ),
+    );
 
     let spec = c.job("counted", "track", &capture, false);
     let last = c.run(&spec).await;
