@@ -1085,14 +1085,19 @@ impl Config {
             path: path.display().to_string(),
             error: describe(&error, &text),
         };
-        // The file alone first, so that its own mistakes are blamed on it, with their line.
-        let from_file: Config = toml::from_str(&text).map_err(parse_error)?;
+        // The file alone is read too, so that its own mistakes are blamed on it, with their
+        // line; the environment may still complete it (a job type's plugin, say).
+        let from_file = toml::from_str::<Config>(&text);
         let overrides = env_overrides();
         let config = if overrides.is_empty() {
-            from_file
+            from_file.map_err(parse_error)?
         } else {
             let table: toml::Table = toml::from_str(&text).map_err(parse_error)?;
-            with_overrides(table, &overrides)?
+            match (with_overrides(table, &overrides), from_file) {
+                (Ok(config), _) => config,
+                (Err(_), Err(file_error)) => return Err(parse_error(file_error)),
+                (Err(env_error), Ok(_)) => return Err(env_error),
+            }
         };
         // Absolute, so that the paths `config check` prints mean the same from anywhere.
         let base = match path.parent() {
@@ -1708,6 +1713,28 @@ mod tests {
         .to_string();
         assert!(
             error.contains("FRAMEHOST_HOST__MAX_JOBS") && !error.contains("FRAMEHOST_NATS__STREAM"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_environment_may_complete_the_file_and_a_file_error_keeps_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.toml");
+        std::fs::write(
+            &file,
+            "[host]\nmax_jobs = 2\n[job_types.t]\nmemory_mib = 32\n",
+        )
+        .unwrap();
+        let overrides = vars(&[("FRAMEHOST_JOB_TYPES__T__PLUGIN", "/plugins/t.wasm")]);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let config = with_overrides(table, &overrides).unwrap();
+        assert_eq!(config.job_types["t"].plugin, Path::new("/plugins/t.wasm"));
+        // Without the environment, the file alone names its line.
+        let error = Config::load(&file).unwrap_err().to_string();
+        assert!(
+            error.contains("line 3") && error.contains("plugin"),
             "{error}"
         );
     }

@@ -472,6 +472,17 @@ async fn config_check_applies_environment_overrides_and_reads_secret_files() {
     assert!(stdout.contains(&line), "{line:?} not in:\n{stdout}");
     assert!(stdout.contains("3 jobs x"), "{stdout}");
 
+    // The environment may complete the file: a job type whose plugin path the pod sets.
+    std::fs::write(&file, "[job_types.track]\nmemory_mib = 32\n").unwrap();
+    let out = check(vec![(
+        "FRAMEHOST_JOB_TYPES__TRACK__PLUGIN",
+        "/plugins/tracker.wasm".into(),
+    )])
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("/plugins/tracker.wasm"));
+    std::fs::write(&file, "[host]\nmax_jobs = 2\n").unwrap();
+
     let out = check(vec![("FRAMEHOST_HOST__MAX_JOB", "3".into())]).await;
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
