@@ -96,16 +96,8 @@ async fn sigterm_hands_back_a_job_that_outlasts_the_grace_period() {
     let mut c = Cluster::start().await;
     c.config.host.shutdown_grace_secs = 1;
     c.config.nats.nak_delay_secs = 1;
-    c.serve_job_type("track", artifacts::tracker());
-    // 30 s at 10 fps: far longer than the grace period.
-    let capture = c.capture("long", &captures::options(300, 4, 2, 10.0));
-    let a = c.start_host("host-a").await;
-
-    let spec = c.job("handed-back", "track", &capture, true);
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    c.until(&mut watch, JobState::Started, "the job to start")
-        .await;
+    // 30 s: far longer than the grace period.
+    let (a, spec, mut watch) = long_job_on_host_a(&mut c, "handed-back").await;
     c.host(a).terminate();
 
     let requeued = c
@@ -126,6 +118,20 @@ async fn sigterm_hands_back_a_job_that_outlasts_the_grace_period() {
 
     c.start_host("host-b").await;
     takes_over_and_stops(&c, &mut watch, &spec, "host-b").await;
+}
+
+/// Starts host-a serving the tracker and a job `id` of 30 s (300 frames at 10 fps, paced)
+/// on it; returns the host's index, the job and its watch once the job has started.
+async fn long_job_on_host_a(c: &mut Cluster, id: &str) -> (usize, JobSpec, JobWatch) {
+    c.serve_job_type("track", artifacts::tracker());
+    let capture = c.capture("long", &captures::options(300, 4, 2, 10.0));
+    let a = c.start_host("host-a").await;
+    let spec = c.job(id, "track", &capture, true);
+    let mut watch = c.watch(&spec.id).await;
+    c.submit(&spec).await;
+    c.until(&mut watch, JobState::Started, "the job to start")
+        .await;
+    (a, spec, watch)
 }
 
 /// Waits for `host` to start the job handed back, then stops it there (the host need not
@@ -164,15 +170,7 @@ async fn a_second_sigterm_exits_at_once_and_the_job_comes_back() {
     let mut c = Cluster::start().await;
     c.config.host.shutdown_grace_secs = 600;
     c.config.nats.ack_wait_secs = 3;
-    c.serve_job_type("track", artifacts::tracker());
-    let capture = c.capture("long", &captures::options(300, 4, 2, 10.0));
-    let a = c.start_host("host-a").await;
-
-    let spec = c.job("impatient", "track", &capture, true);
-    let mut watch = c.watch(&spec.id).await;
-    c.submit(&spec).await;
-    c.until(&mut watch, JobState::Started, "the job to start")
-        .await;
+    let (a, spec, mut watch) = long_job_on_host_a(&mut c, "impatient").await;
     c.host(a).terminate();
     // Two signals sent back to back may arrive as one: wait for the first to be taken.
     let log_a = c.host(a).log_path();
